@@ -56,6 +56,12 @@ def _as_column(value, x):
     return float(value)
 
 
+def _clip_norm(grad, max_norm):
+    """Scale each chain's gradient [B, ...] down to L2 norm <= max_norm."""
+    norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return grad * _as_column((max_norm / norm).clamp(max=1.0), grad)
+
+
 def _log_p_and_grad(log_p, x):
     """log_p: x [B, ...] -> [B]. Returns (log p(x) [B], grad_x log p(x)), both fp32, no graph."""
     x = x.detach().requires_grad_(True)
@@ -78,7 +84,8 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     grad_clip: cap on each chain's gradient L2 norm (None: off).
     clamp: (lo, hi) bounds on x after each step (None: off).
     mh: Metropolis-Hastings correction (MALA); the proposal is N(x + s^2/2 g, (s*noise)^2).
-    trace: also return a dict with per-step `log_p` [K, B], `grad_norm` [K, B], `accept`
+    trace: also return a dict with `log_p` [K, B] and `grad_norm` [K, B] at the start of
+      each step, `accept`
       (mean acceptance rate, MALA only) and `traj` [K // keep_every + 1, B, ...] when
       keep_every > 0.
 
@@ -86,42 +93,42 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     does not grow with n_steps. Returns x [B, ...] (and the trace dict when trace=True).
     """
     x = x.detach().float()
-    lp, grad = _log_p_and_grad(log_p, x)
+    if mh:  # MALA needs log p and its gradient at both ends of every proposal
+        lp, grad = _log_p_and_grad(log_p, x)
     log_ps, grad_norms, traj, accepted = [], [], [x], []
     for k in range(n_steps):
+        if not mh:  # exactly one forward + input-gradient per step
+            lp, grad = _log_p_and_grad(log_p, x)
+        if grad_clip is not None:
+            grad = _clip_norm(grad, grad_clip)
+        if trace:  # log p and gradient norm at the start of step k
+            log_ps.append(lp)
+            grad_norms.append(grad.flatten(1).norm(dim=1))
         s = _per_step(step_size, k)
-        s = torch.sqrt(s) if (convention == "eps" and torch.is_tensor(s)) else (
-            math.sqrt(s) if convention == "eps" else s)
+        if convention == "eps":
+            s = s.sqrt() if torch.is_tensor(s) else math.sqrt(s)
         s = _as_column(s, x)
         tau = s * _as_column(_per_step(noise_scale, k), x)
-        if grad_clip is not None:
-            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-            grad = grad * _as_column((grad_clip / norm).clamp(max=1.0), x)
         mean = x + 0.5 * s ** 2 * grad
         x_new = mean + tau * torch.randn_like(x)
         if clamp is not None:
             x_new = x_new.clamp(*clamp)
-        lp_new, grad_new = _log_p_and_grad(log_p, x_new)
         if mh:
+            lp_new, grad_new = _log_p_and_grad(log_p, x_new)
             if grad_clip is not None:
-                norm = grad_new.flatten(1).norm(dim=1).clamp_min(1e-12)
-                grad_new = grad_new * _as_column((grad_clip / norm).clamp(max=1.0), x)
+                grad_new = _clip_norm(grad_new, grad_clip)
             mean_back = x_new + 0.5 * s ** 2 * grad_new
             log_q_fwd = -((x_new - mean) ** 2 / (2 * tau ** 2)).flatten(1).sum(1)
             log_q_back = -((x - mean_back) ** 2 / (2 * tau ** 2)).flatten(1).sum(1)
-            log_alpha = lp_new - lp + log_q_back - log_q_fwd
-            accept = torch.rand_like(lp).log() < log_alpha
+            accept = torch.rand_like(lp).log() < lp_new - lp + log_q_back - log_q_fwd
             a = _as_column(accept.float(), x)
             x_new = a * x_new + (1 - a) * x
-            grad_new = a * grad_new + (1 - a) * grad
-            lp_new = torch.where(accept, lp_new, lp)
+            grad = a * grad_new + (1 - a) * grad
+            lp = torch.where(accept, lp_new, lp)
             accepted.append(accept.float().mean())
-        x, lp, grad = x_new, lp_new, grad_new
-        if trace:
-            log_ps.append(lp)
-            grad_norms.append(grad.flatten(1).norm(dim=1))
-            if keep_every and (k + 1) % keep_every == 0:
-                traj.append(x)
+        x = x_new
+        if trace and keep_every and (k + 1) % keep_every == 0:
+            traj.append(x)
     if not trace:
         return x
     info = {"log_p": torch.stack(log_ps) if log_ps else torch.empty(0),
