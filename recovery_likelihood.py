@@ -1,0 +1,610 @@
+"""Learning Energy-Based Models by Diffusion Recovery Likelihood
+(Gao, Song, Poole, Wu & Kingma, ICLR 2021)  https://arxiv.org/abs/2012.08125
+
+Implemented: the whole method of the paper. A sequence of EBMs p(y_t) ~ exp(f(y_t, t) / s_t^2)
+on increasingly noisy data (T coarse levels of DDPM's linear schedule, authors' code), each
+trained by recovery likelihood with a K-step Langevin chain on its conditional; the top level
+is a plain marginal EBM; the progressive sampler from N(0, I) down the levels; long-run chains
+(--long-run); the normalised density of level 0 by annealed importance sampling (AIS) down the
+learned levels, starting at N(0, I) whose normaliser is known; FID on images; MMD and exact
+(quadrature) likelihood checks on 2-D toys. Energy networks: the authors' ResNet
+(common.EnergyResNet, spectral norm, time embedding) for images, an MLP with the same level
+conditioning for toys. The paper text we have is partial, so equations are labelled here:
+
+  (R1) forward pairs   x_t = abar_t x + sigmabar_t e,   x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
+  (R2) recovery model  p(y_t | x_{t+1}) ~ exp( f(y_t, t) / s_t^2 - ||y_t - x_{t+1}||^2 / (2 sigma_{t+1}^2) ),
+                       y_t = a_{t+1} x_t  (top level t = T-1: a = 1 and no Gaussian term)
+  (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
+                       s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md; inactive for images)
+  (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
+  (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
+  (R6) log Z by AIS    log Z_0 = log Z_T + log mean_i exp(log w_i),
+                       log w_i = sum_{t=T-1..0} sum_{j=1..J} (1/J) [log g_t(x_ij) - log g_{t+1}(x_ij)],
+       with g_t(x) = exp(f(a_{t+1} x, t) / s_t^2) the level-t model of x_t, g_T = N(0, I) (Z_T = 1),
+       and x_ij moved by one MALA step targeting the bridge g_{t+1}^{1-j/J} g_t^{j/J} after each term.
+       Standard error (delta method): se(log Z) = std(w) / (sqrt(N) mean(w)).
+       Test NLL = mean_x [-log g_0(x)] + log Z_0, x = data + sigmabar_0 noise (level 0 is x_0).
+
+Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise.
+
+Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
+    python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
+  expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
+  the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
+    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~15 CPU-minutes
+Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
+    torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
+"""
+import argparse
+import json
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ======================================================================================
+# Arguments
+# ======================================================================================
+
+PRESETS = {  # the paper / authors' code; `steps` is our choice (not in the text we have)
+    "cifar10": dict(ch=128, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, lr=1e-4, beta1=0.9,
+                    warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4),
+    "celeba": dict(ch=128, ch_mult="1,2,2,2,4", num_blocks=2, batch_size=128, lr=1e-4, beta1=0.5,
+                   warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4),
+    "lsun_church": dict(ch=128, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, lr=1e-4, beta1=0.5,
+                        warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4),
+}
+PRESETS["lsun_bedroom"] = PRESETS["lsun_church"]
+
+
+def get_args(argv=None):
+    p = common.base_parser(__doc__.splitlines()[0], dataset="8gaussians", steps=3000, batch_size=None,
+                           fid_samples=500)
+    p.add_argument("--T", type=int, default=6, help="number of noise levels (paper: 6 for FID, 1000 for likelihood)")
+    p.add_argument("--n-steps", type=int, default=30, help="Langevin steps K per level (paper: 30)")
+    p.add_argument("--b-square", type=float, default=None,
+                   help="b^2 of the step-size rule (R3) (paper 2e-4 for images; default 3e-2 for toys, "
+                        "where 2e-4 leaves NLL gaps of tens of nats)")
+    p.add_argument("--step-cap", type=float, default=0.3,
+                   help="cap s_t <= cap * sigma_{t+1} (not in the paper; inactive at b^2 = 2e-4; "
+                        "without it the top levels diverge on toys)")
+    p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (paper 1e-4, --preset paper; default 2e-4 images for short runs, "
+                        "5e-4 toys: higher lets the level-0 mode weights wander)")
+    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
+    p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
+    p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
+                   help="lr after warm-up (paper: none; default cosine to 0 for toys, where the level-0 "
+                        "mode weights wander with the lr, none for images)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips (images; paper: on)")
+    p.add_argument("--ch", type=int, default=16,
+                   help="ResNet base channels (paper 128; 16 keeps the CPU demo to about an hour)")
+    p.add_argument("--ch-mult", default="1,2,2", help="ResNet channel multipliers (paper 1,2,2,2 at 32 px)")
+    p.add_argument("--num-blocks", type=int, default=1, help="res blocks per resolution (paper 8 for CIFAR-10, 2 else)")
+    p.add_argument("--hidden", type=int, default=128, help="toy MLP width (NOTES: 3 x 128 SiLU)")
+    p.add_argument("--input-scale", type=float, default=4.0, help="toy MLP multiplies y by this (NOTES: ~4 needed)")
+    p.add_argument("--eval-samples", type=int, default=2000, help="toys: samples for mmd / pictures")
+    p.add_argument("--test-points", type=int, default=5000, help="test points for the NLL (toys: fresh data)")
+    p.add_argument("--ais-particles", type=int, default=None,
+                   help="AIS particles for log Z (default 4000 toys, 64 images; more for a smaller standard error)")
+    p.add_argument("--ais-steps", type=int, default=None,
+                   help="AIS bridges (one MALA step each) per level (default 100 toys, 20 images)")
+    p.add_argument("--long-run", type=int, default=0,
+                   help="after training / in --eval-only also run chains K times longer per level and "
+                        "save their stages and energies (paper: long-run chains stay realistic)")
+    args = common.parse_args(p, PRESETS, argv)
+    toy = args.dataset in common.TOYS
+    defaults = dict(batch_size=256 if toy else 32, b_square=3e-2 if toy else 2e-4, lr=5e-4 if toy else 2e-4,
+                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine" if toy else "none",
+                    ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    common.check_positive(args, "T", "n_steps", "b_square", "step_cap", "lr", "warmup", "batch_size",
+                          "ais_particles", "ais_steps", "test_points", "eval_samples")
+    if not 0 <= args.ema < 1 or not 0 < args.sample_noise:
+        raise common.UserError("--ema must be in [0, 1) and --sample-noise positive")
+    if not 2 <= args.T <= 1000:
+        raise common.UserError(f"--T must be in 2..1000 (got {args.T})")
+    if args.long_run < 0:
+        raise common.UserError(f"--long-run must be >= 0 (got {args.long_run})")
+    return args
+
+
+# ======================================================================================
+# Data
+# ======================================================================================
+
+
+def load_data(args):
+    """Toys: None (fresh samples each step). Images: (train uint8, test uint8), 28 px padded to 32."""
+    if args.dataset in common.TOYS:
+        return None, None
+    pad = args.dataset in ("mnist", "fashion")
+    train = torch.from_numpy(common.load_images(args.dataset, args.data_dir, "train", pad_to_32=pad))
+    test = torch.from_numpy(common.load_images(args.dataset, args.data_dir, "test", pad_to_32=pad))
+    return train, test
+
+
+def diffusion_schedule(T):
+    """Coarse levels of DDPM's 1000 linear betas (1e-4 .. 0.02), authors' code (NOTES.md 1).
+
+    Level boundaries [0, 1, .., T-1] * (1000 // ((T-1)*2)) plus 999 (T = 6: 0,100,..,500,999);
+    a_t = product of sqrt(1 - beta) over the block ending at boundary t. For T > 501 that
+    stride is 0, so we use T evenly spread boundaries in 0..999 plus a last block made of one
+    beta = 1 (x_T pure noise; the authors' code appends that beta too): T = 1000 is one DDPM
+    step per level. Returns float64 tensors with T+1 entries: a, sigma, abar, sigmabar.
+    """
+    betas = np.append(np.linspace(1e-4, 0.02, 1000, dtype=np.float64), 1.0)
+    sqrt_alphas = np.sqrt(1.0 - betas)
+    if T <= 501:
+        idx = [i * (1000 // ((T - 1) * 2)) for i in range(T)] + [999]
+    else:
+        idx = np.round(np.linspace(0, 999, T)).astype(int).tolist() + [1000]
+    a = [np.prod(sqrt_alphas[: idx[0] + 1])] + [np.prod(sqrt_alphas[idx[i - 1] + 1: idx[i] + 1])
+                                                for i in range(1, len(idx))]
+    a = torch.tensor(a, dtype=torch.float64)
+    sigma = (1 - a ** 2).sqrt()
+    abar = torch.cumprod(a, 0)
+    sigmabar = (1 - abar ** 2).sqrt()
+    return {"a": a, "sigma": sigma, "abar": abar, "sigmabar": sigmabar}
+
+
+def make_schedule(T, b_square, step_cap, device="cpu"):
+    """diffusion_schedule plus what the sampler needs, as float32 on `device`:
+    a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top), recovery[t+1] (0 at the top:
+    no Gaussian term), s[t] the Langevin step of level t (R3, with the cap)."""
+    sch = diffusion_schedule(T)
+    a_prev = sch["a"].clone()
+    a_prev[T] = 1.0  # top level: marginal EBM of x_{T-1} itself
+    recovery = torch.ones(T + 1, dtype=torch.float64)
+    recovery[T] = 0.0
+    t = torch.arange(T)
+    s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
+    s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
+    sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt(), T=torch.tensor(T))
+    return {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
+
+
+def q_sample_pairs(x, t, sch):
+    """(R1): (x_t, x_{t+1}) for data x [B, ...] and levels t [B]."""
+    col = lambda v: v[t].reshape(-1, *([1] * (x.dim() - 1)))
+    x_t = col(sch["abar"]) * x + col(sch["sigmabar"]) * torch.randn_like(x)
+    x_next = col(sch["a_prev"][1:]) * x_t + col(sch["sigma"][1:]) * torch.randn_like(x)
+    return x_t, x_next
+
+# ======================================================================================
+# Networks
+# ======================================================================================
+
+
+class EnergyMLP(nn.Module):
+    """Toy energy f(y [B, 2], t [B]) -> [B]: the ResNet's level conditioning in an MLP. A
+    sinusoidal embedding of t -> two dense layers; its projection is added after every hidden
+    layer, and the output is the last hidden layer dotted with a vector from the embedding."""
+
+    def __init__(self, hidden=128, depth=3, input_scale=4.0, temb=32):
+        super().__init__()
+        self.input_scale, self.temb_dim = input_scale, temb
+        self.temb = nn.Sequential(nn.Linear(temb, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.layers = nn.ModuleList([nn.Linear(2 if i == 0 else hidden, hidden) for i in range(depth)])
+        self.temb_proj = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth)])
+        self.head = nn.Linear(hidden, hidden)
+
+    def forward(self, y, t):
+        # the level vectors depend on t alone: compute them once per distinct level and gather
+        levels, index = torch.unique(t, return_inverse=True)
+        temb = self.temb(common.timestep_embedding(levels, self.temb_dim))
+        h = y * self.input_scale  # NOTES.md: toys needed the input scaled by ~4
+        for layer, proj in zip(self.layers, self.temb_proj):
+            h = F.silu(layer(h) + proj(temb)[index])
+        return (h * self.head(temb)[index]).sum(1)
+
+
+def make_model(args, in_ch):
+    """The energy network f(y, t): an MLP for 2-D toys, the authors' ResNet for images
+    (common.EnergyResNet: time embedding in every block, spectral norm, leaky-ReLU 0.2,
+    avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)."""
+    if args.dataset in common.TOYS:
+        return EnergyMLP(args.hidden, 3, args.input_scale)
+    ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
+    return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=True)
+
+# ======================================================================================
+# Objective
+# ======================================================================================
+
+
+def column(v, x):
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def recovery_log_p(f, x_next, t, sch):
+    """(R2) as a function of y: f(y, t) / s_t^2 - recovery * ||y - x_{t+1}||^2 / (2 sigma_{t+1}^2).
+    The division by s_t^2 follows the authors' code (the paper writes f alone)."""
+    s2, sig2, rec = sch["s"][t] ** 2, sch["sigma"][t + 1] ** 2, sch["recovery"][t + 1]
+
+    def log_p(y):
+        tether = ((y - x_next) ** 2).flatten(1).sum(1) / (2 * sig2)
+        return f(y, t) / s2 - rec * tether
+    return log_p
+
+
+def training_step(f, x, sch, n_steps):
+    """One recovery-likelihood loss on data x [B, ...]; returns (loss, diagnostics dict)."""
+    T = int(sch["T"])
+    t = torch.randint(T, (x.shape[0],), device=x.device)  # a level per example, uniform
+    x_t, x_next = q_sample_pairs(x, t, sch)  # (R1)
+    y_pos = column(sch["a_prev"][t + 1], x) * x_t  # the EBM sees y = a_{t+1} x_t (R2)
+    top = column((t == T - 1).float(), x)
+    start = top * torch.randn_like(x) + (1 - top) * x_next  # top chains from N(0, I), others from x_{t+1}
+    y_neg, info = recovery_sample(f, start, x_next, t, sch, n_steps, 1.0, trace=True)
+    f_pos, f_neg = f(y_pos, t), f(y_neg, t)
+    weight = sch["sigma"][1] / sch["sigma"][t + 1]  # (R4): authors' code weighting
+    loss = -((f_pos - f_neg) * weight).mean()
+    diag = {"t": t, "f_pos": f_pos.detach(), "f_neg": f_neg.detach(), "grad_norm": info["grad_norm"].mean(0)}
+    return loss, diag
+
+# ======================================================================================
+# Sampler
+# ======================================================================================
+
+
+def recovery_sample(f, start, x_next, t, sch, n_steps, noise_scale, trace=False, keep_every=0):
+    """K Langevin steps on (R2) from `start`, per-chain step s_t, no MH (authors' code). Returns y."""
+    log_p = recovery_log_p(f, x_next, t, sch)
+    return common.langevin(log_p, start, n_steps, sch["s"][t], noise_scale=noise_scale,
+                           trace=trace, keep_every=keep_every)
+
+
+@torch.no_grad()
+def progressive_sample(f, n, shape, sch, n_steps, noise_scale, device, keep_levels=False):
+    """(R5): x_T ~ N(0, I), then one recovery chain per level down to x_0. Returns x_0
+    [n, ...] (and the list [x_{T-1}, .., x_0] when keep_levels)."""
+    T = int(sch["T"])
+    x = torch.randn(n, *shape, device=device)
+    levels = []
+    for level in reversed(range(T)):
+        t = torch.full((n,), level, device=device, dtype=torch.long)
+        y = recovery_sample(f, x, x, t, sch, n_steps, noise_scale)
+        x = y / sch["a_prev"][level + 1]
+        levels.append(x)
+    return (x, levels) if keep_levels else x
+
+
+@torch.no_grad()
+def long_run(f, n, shape, sch, n_steps, noise_scale, device, stages=4):
+    """The progressive chain with n_steps (= K * --long-run) per level, tracing log p along it.
+    Returns (snapshots [T * stages] of x in data space, mean log p per step per level)."""
+    T = int(sch["T"])
+    x = torch.randn(n, *shape, device=device)
+    snaps, energies = [], {}
+    for level in reversed(range(T)):
+        t = torch.full((n,), level, device=device, dtype=torch.long)
+        y, info = recovery_sample(f, x, x, t, sch, n_steps, noise_scale, trace=True,
+                                  keep_every=max(1, n_steps // stages))
+        a = sch["a_prev"][level + 1]
+        snaps += [traj / a for traj in info["traj"][1:]]
+        energies[f"level{level}"] = (info["log_p"].mean(1)).tolist()
+        x = y / a
+    return snaps, energies
+
+# ======================================================================================
+# Training
+# ======================================================================================
+
+
+def per_level(values, t, T):
+    """Mean of values [B] per level (NaN where a level had no example)."""
+    total = torch.zeros(T, device=values.device).index_add_(0, t, values.float())
+    count = torch.zeros(T, device=values.device).index_add_(0, t, torch.ones_like(values, dtype=torch.float))
+    return (total / count).tolist()
+
+
+def diagnostics(loss, diag, T, grad_norm):
+    """The log line: loss, energies of data (y+) vs samples (y-), Langevin gradient norm, per level."""
+    row = {"loss": loss.item(), "e_data": -diag["f_pos"].mean().item(), "e_sample": -diag["f_neg"].mean().item(),
+           "langevin_grad": diag["grad_norm"].mean().item(), "grad_norm": grad_norm}
+    if T <= 10:
+        for name, key, sign in (("e_data", "f_pos", -1), ("e_sample", "f_neg", -1), ("langevin_grad", "grad_norm", 1)):
+            for level, v in enumerate(per_level(sign * diag[key], diag["t"], T)):
+                row[f"{name}_t{level}"] = v if math.isfinite(v) else 0.0
+    return row
+
+
+def learning_rate(args, step):
+    """Linear warm-up (authors' code), then constant (paper) or a cosine decay to 0 (ours, toys)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.lr_decay == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / max(args.steps, 1)))
+    return lr
+
+
+# ======================================================================================
+# Evaluation
+# ======================================================================================
+
+
+def log_g(f, x, level, sch):
+    """Unnormalised log-density of x_t under the level-t EBM: f(a_{t+1} x, t) / s_t^2 (level T: N(0, I))."""
+    if level == int(sch["T"]):
+        return -0.5 * (x ** 2).flatten(1).sum(1) - 0.5 * x[0].numel() * math.log(2 * math.pi)
+    t = torch.full((x.shape[0],), level, device=x.device, dtype=torch.long)
+    return f(sch["a_prev"][level + 1] * x, t) / sch["s"][level] ** 2
+
+
+def ais_log_z(f, n, shape, sch, steps_per_level, device):
+    """(R6): AIS from N(0, I) down the learned levels, one MALA step per geometric bridge.
+
+    The MALA step starts at the level's Langevin step (in x units) and adapts to keep the
+    acceptance near 0.6. The kernel is written out here rather than taken from
+    common.langevin because its target changes at every step and the two levels' values at
+    the current point are reused for the weights. Returns (log Z_0, its standard error, ESS).
+    """
+    T = int(sch["T"])
+
+    def both_levels(x, level):  # (log g_{t+1}(x), log g_t(x), their gradients)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            hi, lo = log_g(f, x, level + 1, sch), log_g(f, x, level, sch)
+            g_hi = torch.autograd.grad(hi.sum(), x, retain_graph=True)[0]
+            g_lo = torch.autograd.grad(lo.sum(), x)[0]
+        return hi.detach().double(), lo.detach().double(), g_hi, g_lo
+
+    x = torch.randn(n, *shape, device=device)
+    log_w = torch.zeros(n, dtype=torch.float64, device=device)
+    for level in reversed(range(T)):
+        step = float(sch["s"][level] / sch["a_prev"][level + 1])
+        hi, lo, g_hi, g_lo = both_levels(x, level)
+        for j in range(1, steps_per_level + 1):
+            log_w += (lo - hi) / steps_per_level  # the weight of moving from bridge j-1 to j
+            beta = j / steps_per_level
+            lp = (1 - beta) * hi + beta * lo
+            grad = (1 - beta) * g_hi + beta * g_lo
+            mean = x + 0.5 * step ** 2 * grad
+            prop = mean + step * torch.randn_like(x)
+            hi2, lo2, g_hi2, g_lo2 = both_levels(prop, level)
+            lp2 = (1 - beta) * hi2 + beta * lo2
+            mean_back = prop + 0.5 * step ** 2 * ((1 - beta) * g_hi2 + beta * g_lo2)
+            log_q = lambda a, m: -((a - m) ** 2).flatten(1).sum(1).double() / (2 * step ** 2)
+            accept = torch.rand(n, device=device).double().log() < lp2 - lp + log_q(x, mean_back) - log_q(prop, mean)
+            a = column(accept.float(), x)
+            x = a * prop + (1 - a) * x
+            hi, lo = torch.where(accept, hi2, hi), torch.where(accept, lo2, lo)
+            g_hi, g_lo = a * g_hi2 + (1 - a) * g_hi, a * g_lo2 + (1 - a) * g_lo
+            step *= 1.05 if accept.float().mean() > 0.6 else 0.95
+    log_z = torch.logsumexp(log_w, 0) - math.log(n)
+    w = torch.exp(log_w - log_w.max())
+    se = (w.std() / (math.sqrt(n) * w.mean())).item()
+    ess = (w.sum() ** 2 / (w ** 2).sum()).item()
+    if ess < 0.01 * n + 2 and common.is_main():
+        print(f"warning: AIS effective sample size {ess:.1f} of {n}: log Z, nll / bpd and their standard "
+              "errors are unreliable (a low estimate); raise --ais-steps / --ais-particles, or --T")
+    return log_z.item(), se, ess
+
+
+def nll_terms(f, x0, sch, batch=1000):
+    """-log g_0(x_0) for test points x_0 [N, ...] (add log Z_0 to get the NLL). float64 [N]."""
+    with torch.no_grad():
+        return torch.cat([-log_g(f, xb, 0, sch).double() for xb in x0.split(batch)])
+
+
+def true_log_prob_x0(name, x0, sigmabar0, n_mc=256):
+    """log density of x_0 = x + sigmabar_0 e for a toy x: exact for Gaussian mixtures (std
+    sqrt(std^2 + sigmabar_0^2)), a Monte Carlo average over e for the other closed-form toys."""
+    modes = common.toy_modes(name)
+    if modes is not None:
+        means, std = modes
+        var = std ** 2 + sigmabar0 ** 2
+        d2 = torch.cdist(x0.double().cpu(), means.double()) ** 2
+        return torch.logsumexp(-d2 / (2 * var), 1) - math.log(len(means)) - math.log(2 * math.pi * var)
+    if common.toy_log_prob(name, x0[:1]) is None:
+        return None
+    g = torch.Generator().manual_seed(1)
+    lp = torch.stack([common.toy_log_prob(name, x0.cpu() - sigmabar0 * torch.randn(x0.shape, generator=g))
+                      for _ in range(n_mc)])
+    return torch.logsumexp(lp, 0) - math.log(n_mc)
+
+
+def mode_weight_split(f, sch, name, lim, n):
+    """Model mass of each Voronoi cell of the toy's modes (level-0 density by quadrature) and
+    the KL(true weights 1/M || model weights): the part of nll - nll_true due to mode weights."""
+    means, _ = common.toy_modes(name)
+    h = 2 * lim / n
+    g = -lim + h * (torch.arange(n, dtype=torch.float64) + 0.5)
+    pts = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2).float()
+    dev = sch["s"].device
+    with torch.no_grad():
+        lg = torch.cat([log_g(f, p.to(dev), 0, sch).double().cpu() for p in pts.split(40000)])
+    cell = torch.cdist(pts.double(), means.double()).argmin(1)
+    log_mass = torch.stack([torch.logsumexp(lg[cell == k], 0) for k in range(len(means))])
+    log_mass = log_mass - torch.logsumexp(log_mass, 0)
+    M = len(means)
+    kl = (-math.log(M) - log_mass).mean().item()  # sum_k (1/M) log((1/M) / m_k)
+    return log_mass.exp().tolist(), kl
+
+
+def evaluate_toy(f, args, sch, device, out):
+    """mmd, nll (AIS), nll_exact (quadrature), nll_true, the mode-weight split, hq_frac/modes."""
+    sigmabar0 = float(sch["sigmabar"][0])
+    x_gen = progressive_sample(f, args.eval_samples, (2,), sch, args.n_steps, args.sample_noise, device).cpu()
+    data = common.toy_sample(args.dataset, args.eval_samples)
+    metrics = {"mmd": common.mmd_rbf(x_gen, data + sigmabar0 * torch.randn_like(data))}
+    x_test = common.toy_sample(args.dataset, args.test_points)
+    x_test = x_test + sigmabar0 * torch.randn_like(x_test)  # level 0 is x_0: data plus sigmabar_0 noise
+    terms = nll_terms(f, x_test.to(device), sch).cpu()
+    log_z, log_z_se, ess = ais_log_z(f, args.ais_particles, (2,), sch, args.ais_steps, device)
+    metrics["nll"] = terms.mean().item() + log_z
+    metrics["nll_se"] = math.sqrt(terms.var().item() / len(terms) + log_z_se ** 2)
+    lim, n = 4.0, 400  # grid step 0.02: the midpoint rule's error on a std-0.02 Gaussian is ~1e-8
+    log_z_exact = common.log_z_grid(lambda p: log_g(f, p.to(device), 0, sch).cpu(), lim=lim, n=n)
+    metrics["nll_exact"] = terms.mean().item() + log_z_exact
+    true = true_log_prob_x0(args.dataset, x_test, sigmabar0)
+    if true is not None:
+        metrics["nll_true"] = -true.mean().item()
+    metrics.update(log_z=log_z, log_z_se=log_z_se, log_z_exact=log_z_exact, ais_ess=ess)
+    if common.toy_modes(args.dataset) is not None:
+        masses, kl = mode_weight_split(f, sch, args.dataset, lim, n)
+        metrics["kl_mode_weights"] = kl  # nll_exact - nll_true = kl_mode_weights + within-mode part
+        metrics["nll_within_mode"] = metrics["nll_exact"] - metrics["nll_true"] - kl
+        metrics["mode_mass_min"], metrics["mode_mass_max"] = min(masses), max(masses)
+        metrics.update(common.mode_stats(x_gen, args.dataset))
+    return metrics, x_gen
+
+
+def evaluate_images(f, args, sch, device, out, test, shape):
+    """FID (and IS where torch-fidelity's weights exist) of progressive samples; test NLL in
+    bits/dim by (R6). Returns (metrics, samples)."""
+    metrics = {}
+    n = args.fid_samples or 64
+    xs = torch.cat([progressive_sample(f, min(100, n - i), shape, sch, args.n_steps, args.sample_noise, device)
+                    for i in range(0, n, 100)]).cpu()
+    if args.fid_samples:
+        metrics["fid"] = common.fid_vs_data(xs, args.dataset, args.data_dir, "test", device)
+        probs = common.inception_probs(xs, device)
+        if probs is not None:
+            metrics["is"] = common.inception_score(probs)[0]
+    x_test = common.to_float(test[: args.test_points])
+    x_test = x_test + float(sch["sigmabar"][0]) * torch.randn_like(x_test)
+    terms = nll_terms(f, x_test.to(device), sch, batch=100).cpu()
+    log_z, log_z_se, ess = ais_log_z(f, args.ais_particles, shape, sch, args.ais_steps, device)
+    D = x_test[0].numel()
+    # density on the [0, 256) pixel scale: divide by 127.5 per dimension; then bits per dimension
+    nats = terms.mean().item() + log_z + D * math.log(127.5)
+    metrics["bpd"] = nats / (D * math.log(2))
+    metrics["bpd_se"] = math.sqrt(terms.var().item() / len(terms) + log_z_se ** 2) / (D * math.log(2))
+    metrics.update(log_z=log_z, log_z_se=log_z_se, ais_ess=ess)
+    return metrics, xs
+
+
+def save_pictures(f, args, sch, device, out, name, shape, toy):
+    """The denoising strip: 8 chains (images) or 2000 points (toys) at every level."""
+    n = 2000 if toy else 8
+    _, levels = progressive_sample(f, n, shape, sch, args.n_steps, args.sample_noise, device, keep_levels=True)
+    T = int(sch["T"])
+    if not common.is_main():
+        return
+    if toy:
+        show = levels if T <= 8 else [levels[i] for i in np.linspace(0, T - 1, 8).round().astype(int)]
+        common.save_toy_panels(out / name, [(f"x_{T - 1 - i}" if T <= 8 else "", p.cpu()) for i, p in enumerate(show)])
+    else:
+        show = levels if T <= 16 else [levels[i] for i in np.linspace(0, T - 1, 16).round().astype(int)]
+        strip = torch.stack(show, 1).reshape(-1, *shape)  # row = one chain, column = a level
+        common.save_image_grid(out / name, strip.cpu(), nrow=len(show))
+
+
+def save_long_run(f, args, sch, device, out, shape, toy):
+    n = 2000 if toy else 8
+    snaps, energies = long_run(f, n, shape, sch, args.n_steps * args.long_run, args.sample_noise, device)
+    if not common.is_main():
+        return
+    if toy:
+        common.save_toy_panels(out / "long_run.png", [("", s.cpu()) for s in snaps[-8:]])
+    else:
+        common.save_image_grid(out / "long_run.png", torch.stack(snaps, 1).reshape(-1, *shape).cpu(), nrow=len(snaps))
+    series = {k: v for k, v in list(energies.items())[-5:]}
+    common.save_line_plot(out / "long_run_energy.png", series, title="mean log p along the chain")
+    (out / "long_run.json").write_text(json.dumps(energies) + "\n")
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+
+def main():
+    args = get_args()
+    rank, world = common.init_distributed()
+    toy = args.dataset in common.TOYS
+    common.seed_everything(args.seed)
+    train, test = load_data(args)
+    shape = (2,) if toy else tuple(train.shape[1:])
+    model = make_model(args, shape[0])
+    ema = common.make_ema(model)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    common.seed_everything(args.seed + rank)
+    device = common.pick_device(args.device)
+    model.to(device), ema.to(device)
+    out = common.prepare_out_dir(args, "recovery_likelihood")
+    sch = make_schedule(args.T, args.b_square, args.step_cap, device)
+    batches = None if toy else common.Batches(train, args.batch_size // world, seed=args.seed)
+    step = 0
+    if args.resume or args.eval_only:
+        state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
+                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "hidden"))
+        common.load_state(model, state["model"], "model")
+        common.load_state(ema, state["ema"], "EMA model")
+        common.load_state(opt, state["opt"], "optimiser")
+        if batches is not None:
+            batches.load_state_dict(state["batches"])
+        common.set_rng_state(state["rng"])
+        step = state["step"]
+    else:
+        common.broadcast_params(model)
+        ema.load_state_dict(model.state_dict())
+
+    def save():
+        common.save_checkpoint(out / "checkpoint.pt", {
+            "script": "recovery_likelihood", "args": vars(args), "step": step, "model": model.state_dict(),
+            "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": common.rng_state(),
+            "batches": batches.state_dict() if batches is not None else {}})
+
+    if not args.eval_only:
+        stop = common.StopFlag()
+        logger = common.Logger(out, args.steps, initial=step)
+        params = list(model.parameters())
+        while step < args.steps:
+            if stop.requested:
+                save()
+                return
+            if toy:
+                x = common.toy_sample(args.dataset, args.batch_size // world).to(device)
+            else:
+                x = common.to_float(next(batches)).to(device)
+                x = common.random_flip(x) if args.flip else x
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(args, step)
+            loss, diag = training_step(model, x, sch, args.n_steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            common.average_gradients(params)
+            opt.step()
+            # EMA with the usual warm-up of its decay (not in the paper): a plain 0.999 would
+            # leave a 1000-step demo's sampling weights 37% at their initialisation
+            common.ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+            step += 1
+            logger.update()
+            if step % args.log_every == 0 or step == args.steps:
+                gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None)).item()
+                row = diagnostics(loss, diag, args.T, gnorm)
+                common.check_finite(step, "--lr, --b-square or --step-cap", loss=row["loss"], grad_norm=gnorm)
+                logger.log(step, args.batch_size, **row)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                # pictures first: the checkpoint then holds the RNG state the next step uses
+                save_pictures(ema, args, sch, device, out, f"samples_{step}.png", shape, toy)
+                save()
+        logger.close()
+
+    f = ema
+    if toy:
+        metrics, x_gen = evaluate_toy(f, args, sch, device, out)
+    else:
+        metrics, x_gen = evaluate_images(f, args, sch, device, out, test, shape)
+    if args.eval_only and common.is_main():
+        np.savez(out / "samples.npz", x=x_gen.numpy())
+        save_pictures(f, args, sch, device, out, f"samples_{step}.png", shape, toy)
+    if args.long_run:
+        save_long_run(f, args, sch, device, out, shape, toy)
+    common.write_metrics(out, {"step": step, **metrics})
+
+
+if __name__ == "__main__":
+    common.main_guard(main)

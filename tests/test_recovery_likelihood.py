@@ -1,0 +1,230 @@
+"""Tests of recovery_likelihood.py: each piece against an independent answer, plus smoke runs."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import recovery_likelihood as rl  # noqa: E402
+
+SCRIPT = str(ROOT / "recovery_likelihood.py")
+
+
+def test_schedule_matches_notes_T6():
+    sch = rl.diffusion_schedule(6)
+    sigma = [0.01, 0.324, 0.516, 0.632, 0.713, 0.773, 0.9997]  # NOTES.md section 1
+    sigmabar = [0.01, 0.324, 0.586, 0.778, 0.898, 0.960, 1.0]
+    assert np.allclose(sch["sigma"].numpy(), sigma, atol=1e-3)
+    assert np.allclose(sch["sigmabar"].numpy(), sigmabar, atol=1e-3)
+    # the definitions tie the arrays together
+    assert torch.allclose(sch["sigma"] ** 2 + sch["a"] ** 2, torch.ones(7, dtype=torch.float64))
+    assert torch.allclose(sch["abar"], torch.cumprod(sch["a"], 0))
+
+
+def test_schedule_T1000_is_one_ddpm_step_per_level():
+    sch = rl.diffusion_schedule(1000)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert len(sch["a"]) == 1001
+    assert np.allclose(sch["sigma"][:1000].numpy() ** 2, betas)  # one DDPM beta per level
+    assert sch["sigmabar"][-1].item() == pytest.approx(1.0)
+    assert (sch["sigmabar"][1:] > sch["sigmabar"][:-1]).all()
+
+
+def test_step_size_rule():
+    sch = rl.make_schedule(6, 2e-4, 0.3)
+    base = rl.diffusion_schedule(6)
+    t = torch.arange(6)
+    expect = (base["sigmabar"][t] / base["sigmabar"][0] * 2e-4 * base["sigma"][t + 1] ** 2).sqrt()
+    assert torch.allclose(sch["s"].double(), expect, rtol=1e-5)  # cap inactive at the paper's b^2
+    capped = rl.make_schedule(6, 3e-2, 0.3)
+    assert (capped["s"] <= 0.3 * capped["sigma"][1:] + 1e-7).all()
+    assert capped["a_prev"][6] == 1 and capped["recovery"][6] == 0
+
+
+@pytest.mark.parametrize("level", [0, 2, 5])
+def test_recovery_sampler_draws_exact_gaussian_conditional(level):
+    """Data N(mu, v I): every marginal is Gaussian, so with the exact f plugged in the recovery
+    chain must reach p(y_t | x_{t+1}) = N(m, c), where unadjusted Langevin with step s has the
+    stationary variance c / (1 - s^2 / (4 c)) exactly (AR(1) recursion)."""
+    torch.manual_seed(0)
+    T, sch = 6, rl.make_schedule(6, 3e-2, 0.3)
+    mu, v = torch.tensor([0.5, -1.0]), 0.3 ** 2
+    a_y = sch["a_prev"][level + 1]
+    m_y = a_y * sch["abar"][level] * mu
+    v_y = a_y ** 2 * (sch["abar"][level] ** 2 * v + sch["sigmabar"][level] ** 2)
+    s2 = sch["s"][level] ** 2
+
+    def f(y, t):  # exact level energy, times s_t^2 because the sampler divides by it
+        return s2 * (-((y - m_y) ** 2).sum(1) / (2 * v_y))
+
+    n = 20000
+    t = torch.full((n,), level)
+    x_next = torch.tensor([1.0, 0.2]).expand(n, 2)
+    if level == T - 1:  # top level: the marginal itself
+        m, c = m_y.expand(n, 2), v_y
+        start = torch.randn(n, 2)
+    else:
+        sig2 = sch["sigma"][level + 1] ** 2
+        c = 1 / (1 / v_y + 1 / sig2)
+        m = c * (m_y / v_y + x_next / sig2)
+        start = x_next
+    y = rl.recovery_sample(f, start, x_next, t, sch, 300, 1.0)
+    c_ula = c / (1 - s2 / (4 * c))
+    assert torch.allclose(y.mean(0), m[0], atol=4 * math.sqrt(c_ula / n))
+    assert y.var(0).numpy() == pytest.approx([c_ula.item()] * 2, rel=0.03)  # SE of a variance: 1%
+
+
+def test_true_density_of_x0():
+    x = common.toy_sample("8gaussians", 500)
+    assert torch.allclose(rl.true_log_prob_x0("8gaussians", x, 0.0), common.toy_log_prob("8gaussians", x))
+    # convolution with N(0, 0.05^2): closed form against a Monte Carlo average of the clean density
+    g = torch.Generator().manual_seed(0)
+    mc = torch.stack([common.toy_log_prob("8gaussians", x - 0.05 * torch.randn(x.shape, generator=g))
+                      for _ in range(4000)])
+    mc = torch.logsumexp(mc, 0) - math.log(4000)
+    diff = rl.true_log_prob_x0("8gaussians", x, 0.05) - mc  # MC error per point ~0.01
+    assert diff.abs().max() < 0.06 and abs(diff.mean()) < 0.005
+
+
+def test_mode_weight_split_recovers_known_weights():
+    """Plug in an 8-Gaussian mixture with unequal weights as the level-0 model."""
+    sch = rl.make_schedule(6, 3e-2, 0.3)
+    means, std = common.toy_modes("8gaussians")
+    w = torch.tensor([0.3, 0.05, 0.1, 0.1, 0.15, 0.1, 0.1, 0.1], dtype=torch.float64)
+    a1, s2 = sch["a_prev"][1], sch["s"][0] ** 2
+
+    def f(y, t):
+        x = (y / a1).double()
+        lp = torch.logsumexp(-torch.cdist(x, means.double()) ** 2 / (2 * std ** 2) + w.log(), 1)
+        return (s2 * lp).float()
+
+    masses, kl = rl.mode_weight_split(f, sch, "8gaussians", 4.0, 400)
+    assert np.allclose(masses, w.numpy(), atol=1e-4)
+    assert kl == pytest.approx(float((1 / 8 * torch.log(1 / 8 / w)).sum()), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained_toy():
+    """A small model trained in-process for 300 steps; mmd of its samples before and after."""
+    torch.manual_seed(0)
+    args = rl.get_args(["--out", "unused", "--steps", "300"])
+    sch = rl.make_schedule(args.T, args.b_square, args.step_cap)
+    model = rl.make_model(args, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    data = common.toy_sample("8gaussians", 1000)
+
+    def mmd():
+        x = rl.progressive_sample(model, 1000, (2,), sch, args.n_steps, 0.99, "cpu")
+        return common.mmd_rbf(x, data)
+    before = mmd()
+    for step in range(300):
+        for group in opt.param_groups:
+            group["lr"] = rl.learning_rate(args, step)
+        loss, _ = rl.training_step(model, common.toy_sample("8gaussians", 128), sch, args.n_steps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, sch, before, mmd()
+
+
+def test_training_lowers_mmd(trained_toy):
+    _, _, before, after = trained_toy
+    assert after < 0.3 * before, (before, after)
+
+
+def test_ais_log_z_matches_quadrature(trained_toy):
+    """AIS is consistent, so it must agree with quadrature up to its Monte Carlo error; the
+    tolerance is 5 delta-method standard errors, floored at the 0.15 nats the issue asks for
+    (the delta method underestimates the spread when the weights are heavy-tailed)."""
+    model, sch, _, _ = trained_toy
+    torch.manual_seed(1)
+    log_z, se, ess = rl.ais_log_z(model, 1000, (2,), sch, 50, "cpu")
+    exact = common.log_z_grid(lambda p: rl.log_g(model, p, 0, sch), lim=4.0, n=400)
+    assert abs(log_z - exact) < max(0.15, 5 * se), (log_z, exact, se, ess)
+
+
+def test_ais_exact_for_gaussian_levels():
+    """Levels that are exact Gaussians N(0, c_t I) with known normalisers: AIS must return
+    log Z_0 = log (2 pi c_0) for f = s_t^2 * (-|y|^2 / (2 c_t)) up to the y -> x scaling."""
+    torch.manual_seed(0)
+    sch = rl.make_schedule(6, 3e-2, 0.3)
+    c = torch.tensor([0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
+
+    def f(y, t):
+        return sch["s"][t] ** 2 * (-(y ** 2).sum(1) / (2 * c[t]))
+    log_z, se, _ = rl.ais_log_z(f, 2000, (2,), sch, 20, "cpu")
+    # g_0(x) = exp(-|a_1 x|^2 / (2 c_0)): Z = 2 pi c_0 / a_1^2
+    exact = math.log(2 * math.pi * c[0] / sch["a_prev"][1] ** 2)
+    assert log_z == pytest.approx(exact, abs=max(0.03, 4 * se))
+
+
+def test_resnet_energy_shapes_and_gradient():
+    torch.manual_seed(0)
+    args = rl.get_args(["--dataset", "fashion", "--ch", "8", "--ch-mult", "1,2"])
+    net = rl.make_model(args, 1)
+    sch = rl.make_schedule(6, 2e-4, 0.3)
+    loss, diag = rl.training_step(net, torch.rand(4, 1, 32, 32) * 2 - 1, sch, 2)
+    loss.backward()
+    assert torch.isfinite(loss) and diag["f_pos"].shape == (4,)
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def run(tmp_path, *argv, check=True):
+    r = subprocess.run([sys.executable, SCRIPT, *argv], cwd=tmp_path, capture_output=True, text=True,
+                       env={**__import__("os").environ, "CI": "1"})
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+TINY = ["--log-every", "1", "--ckpt-every", "2", "--eval-samples", "200", "--test-points", "200",
+        "--ais-particles", "50", "--ais-steps", "5", "--batch-size", "64", "--n-steps", "5",
+        "--lr-decay", "none"]  # a cosine schedule depends on --steps, which the 2 + 2 resume changes
+
+
+def losses(path):
+    return [json.loads(line)["loss"] for line in open(path / "log.jsonl")]
+
+
+def test_smoke_files_resume_and_eval_only(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = run(tmp_path, "--steps", "4", "--out", str(full), *TINY)
+    assert r.stdout.strip().splitlines()[-1].startswith("metrics:")
+    for name in ("args.json", "log.jsonl", "checkpoint.pt", "samples_4.png", "metrics.json"):
+        assert (full / name).exists(), name
+    metrics = json.loads((full / "metrics.json").read_text())
+    for key in ("mmd", "nll", "nll_exact", "nll_true", "kl_mode_weights", "hq_frac", "modes"):
+        assert key in metrics
+    log = [json.loads(line) for line in open(full / "log.jsonl")]
+    assert {"e_data_t0", "e_sample_t5", "langevin_grad_t3"} <= set(log[0])
+    run(tmp_path, "--steps", "2", "--out", str(part), *TINY)
+    run(tmp_path, "--steps", "4", "--out", str(part), "--resume", *TINY)
+    assert losses(part) == losses(full)
+    run(tmp_path, "--out", str(full), "--eval-only", "--long-run", "2", *TINY)
+    assert np.load(full / "samples.npz")["x"].shape == (200, 2)
+    assert (full / "long_run.png").exists() and (full / "long_run_energy.png").exists()
+    # a fresh run into a folder with a checkpoint is refused, naming --resume
+    r = run(tmp_path, "--steps", "4", "--out", str(full), check=False)
+    assert r.returncode == 2 and "--resume" in r.stderr
+
+
+@pytest.mark.parametrize("argv,words", [(["--b-square", "-1"], "--b-square"),
+                                        (["--dataset", "cifar10", "--data-dir", "nowhere"], "cifar")])
+def test_one_line_errors(tmp_path, argv, words):
+    r = run(tmp_path, "--steps", "1", *argv, check=False)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_fashion_smoke(tmp_path):
+    r = run(tmp_path, "--dataset", "fashion", "--steps", "2", "--ch", "8", "--ch-mult", "1,2", "--out", "f",
+            "--fid-samples", "0", "--log-every", "1", "--test-points", "20", "--ais-particles", "4",
+            "--ais-steps", "2", "--n-steps", "3")
+    assert "bpd=" in r.stdout and (tmp_path / "f" / "samples_2.png").exists()
