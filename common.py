@@ -193,6 +193,13 @@ def spectral_norm(module, clip=False):
     return module
 
 
+def _glorot(layer):
+    """Glorot-uniform weights, zero biases (the recovery-likelihood authors' initialisation)."""
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class EnergyResBlock(nn.Module):
     """Residual block for energy networks (no normalisation; Gao et al. 2021 / Du & Mordatch).
 
@@ -213,8 +220,7 @@ class EnergyResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 3, padding=1) if cin != cout else None
         for layer in [self.conv1, self.conv2, self.temb, self.skip]:
             if layer is not None:
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+                _glorot(layer)
         self.gain = None
         if sn:
             with torch.no_grad():
@@ -254,9 +260,10 @@ class EnergyResNet(nn.Module):
         self.temb = None
         if time_embed:
             self.temb = nn.Sequential(nn.Linear(ch, temb_dim), nn.LeakyReLU(0.2), nn.Linear(temb_dim, temb_dim))
+            _glorot(self.temb[0]), _glorot(self.temb[2])
             if sn:
                 spectral_norm(self.temb[0]), spectral_norm(self.temb[2])
-        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.conv_in = _glorot(nn.Conv2d(in_ch, ch, 3, padding=1))
         if sn:
             spectral_norm(self.conv_in)
         blocks, cin = [], ch
@@ -267,7 +274,7 @@ class EnergyResNet(nn.Module):
                 cin = ch * m
         self.blocks = nn.ModuleList(blocks)
         self.act = act or nn.LeakyReLU(0.2)
-        self.head = nn.Linear(temb_dim if time_embed else cin, cin if time_embed else 1)
+        self.head = _glorot(nn.Linear(temb_dim if time_embed else cin, cin if time_embed else 1))
         if sn:
             spectral_norm(self.head)
 
@@ -887,9 +894,10 @@ def image_grid(x, nrow=8, pad=2):
 
 
 def save_png(path, array):
-    """uint8 [H, W, 3] (or [H, W]) -> PNG file."""
+    """uint8 [H, W, 3] (or [H, W]) -> PNG file (rank 0 only)."""
     from PIL import Image
-    Image.fromarray(array).save(path)
+    if is_main():
+        Image.fromarray(array).save(path)
 
 
 def save_image_grid(path, x, nrow=8):
@@ -916,8 +924,10 @@ def save_toy_panels(path, panels, lim=3.0, size=256):
 
 
 def save_line_plot(path, series, size=(480, 240), title=""):
-    """series: dict name -> 1-D sequence of numbers -> a PNG line plot (Pillow only)."""
+    """series: dict name -> 1-D sequence of numbers -> a PNG line plot (Pillow only; rank 0)."""
     from PIL import Image, ImageDraw
+    if not is_main():
+        return
     w, h = size
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
