@@ -279,7 +279,7 @@ class EnergyResNet(nn.Module):
             spectral_norm(self.head)
 
     def forward(self, x, t=None):
-        temb = self.temb(timestep_embedding(t, self.ch)) if self.temb is not None else None
+        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype)) if self.temb is not None else None
         h = self.conv_in(x)
         for block in self.blocks:
             h = block(h, temb)
@@ -370,7 +370,7 @@ class UNet(nn.Module):
                                  nn.Conv2d(cin, out_ch or in_ch, 3, padding=1))
 
     def forward(self, x, t):
-        temb = self.temb(timestep_embedding(t, self.ch))
+        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
@@ -1225,7 +1225,7 @@ class Logger:
 
 def write_metrics(out, metrics):
     """metrics.json (flat {name: number}) and the one-line summary that ends every run."""
-    metrics = {k: (round(float(v), 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    metrics = {k: (float(f"{float(v):.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}
     if is_main():
         (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print("metrics: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

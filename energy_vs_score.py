@@ -1,0 +1,649 @@
+"""Should EBMs model the energy or the score? (Salimans & Ho, 2021)
+https://openreview.net/forum?id=9AS-TF2jRNb (ICLR 2021 EBM workshop; paper text in
+shared/papers/energy_vs_score.txt).
+
+What is implemented: the paper's whole controlled comparison on top of DDPM (Ho et al.
+2020): linear betas 1e-4..0.02, T = 1000, the epsilon-prediction loss, ancestral
+sampling (Eq. 3), EMA, gradient clipping and warm-up; and the three noise models
+  A  unconstrained U-Net   eps_hat = x - f(x, t)                       (Eq. 6, first term)
+  B  energy U-Net          E = ||x - f(x, t)||^2 / (2 sigma_t)          (Eq. 5)
+                           eps_hat = sigma_t grad_x E                   (Eq. 6, both terms)
+  C  energy ResNet         E = g(x, t) / sigma_t, g a classifier-style ResNet (no input
+                           short-cuts), eps_hat = sigma_t grad_x E
+where A and B use the same network f (same code, same initial weights). 2-D toys use MLP
+versions (f: R^2 -> R^2 for A and B, g: R^2 -> R for C). Section 2's conservativeness is
+measured (`--diagnose`): the relative asymmetry ||J - J^T||_F / ||J||_F of the Jacobian of
+eps_hat by random projections, and the circulation of eps_hat around small loops, per
+noise level t. `--model all` trains A, B and C on the same batches, noise and budget and
+prints the comparison table (the paper's Table 1).
+
+Sampling is DDPM ancestral sampling (Eq. 3), not Langevin dynamics; for reference the
+project's Langevin convention is x <- x + (s^2/2) grad log p(x) + s * noise; Eq. 3 is
+x <- (x + beta_t * score) / sqrt(alpha_t) + sqrt(beta_t) * noise with score =
+-eps_hat / sigma_t, which resembles (the paper's word) such a step with s^2 = 2 beta_t.
+
+Offline demo (8gaussians; 3000 steps of each model, then 2000 samples per model with a
+200-step strided sampler; the README gives measured numbers and times):
+    python energy_vs_score.py --model all
+    -> ~11 min on the shared 2-core CPU: A mmd 0.0031, B 0.0022, C 0.0164 (C worse, as in
+       Table 1); B_asym, C_asym ~1e-16 (floating point), A_asym 0.08.
+Section 2's diagnostics per noise level on untrained (or, with --eval-only, trained) nets:
+    python energy_vs_score.py --model all --steps 0 --diagnose
+Fashion-MNIST (small U-Net, 16 channels, batch 16; ~1 s per B step on a busy 2-core CPU):
+    python energy_vs_score.py --dataset fashion --model B --steps 500
+Full reproduction (CIFAR-10, one GPU per model, days):
+    python energy_vs_score.py --dataset cifar10 --preset paper --model all
+"""
+import contextlib
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+
+# ======================================================================================
+# Arguments
+# ======================================================================================
+
+MODELS = {"A": "A", "unconstrained": "A", "unconstrained_unet": "A",
+          "B": "B", "energy_unet": "B", "energy-unet": "B",
+          "C": "C", "energy_resnet": "C", "energy-resnet": "C", "all": "all"}
+
+# Defaults that differ between 2-D toys and images (flags left at None get these).
+TOY_DEFAULTS = dict(steps=3000, batch_size=512, lr=1e-3, warmup=200, ema=0.995, ch=128,
+                    depth=3, dropout=0.0, sample_steps=200, eval_samples=2000)
+IMAGE_DEFAULTS = dict(steps=500, batch_size=16, lr=2e-4, warmup=100, ema=0.999, ch=16,
+                      ch_mult="1,2,2", num_res_blocks=1, attn_res="", c_blocks=5, dropout=0.1,
+                      sample_steps=50)
+_PAPER = dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", c_blocks=8, dropout=0.1,
+              lr=2e-4, batch_size=128, warmup=5000, grad_clip=1.0, ema=0.9999, steps=300000,
+              fid_samples=50000, sample_steps=1000)
+PRESETS = {"cifar10": _PAPER,  # the paper: Ho et al.'s CIFAR-10 settings, 300k steps
+           # not in the paper: the same DDPM settings at 64 px (one more level) and at 28 px
+           "celeba": {**_PAPER, "ch_mult": "1,2,2,2,4"},
+           "mnist": {**_PAPER, "attn_res": "14", "fid_samples": 10000},
+           "fashion": {**_PAPER, "attn_res": "14", "fid_samples": 10000}}
+
+
+def parse_args(argv=None):
+    p = common.base_parser("Energy vs. score (Salimans & Ho 2021): DDPM with models A, B, C",
+                           dataset="8gaussians", steps=None, batch_size=None, fid_samples=100)
+    p.add_argument("--model", default="all", choices=sorted(MODELS),
+                   help="A: unconstrained U-Net, B: energy U-Net (Eq. 5), C: energy ResNet; all: the comparison")
+    p.add_argument("--T", type=int, default=1000, help="diffusion steps (paper: 1000)")
+    p.add_argument("--beta-1", type=float, default=1e-4, help="first beta of the linear schedule (paper: 1e-4)")
+    p.add_argument("--beta-T", type=float, default=0.02, help="last beta of the linear schedule (paper: 0.02)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 2e-4; toys 1e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper: 5000)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper: 1.0)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA decay of the sampling weights (paper: 0.9999; use ~0.999 for runs under 50k steps)")
+    p.add_argument("--ch", type=int, default=None,
+                   help="U-Net/ResNet base channels (paper: 128; images here 16) or MLP width on toys (128)")
+    p.add_argument("--ch-mult", default=None, help="channel multipliers per level (paper: 1,2,2,2)")
+    p.add_argument("--num-res-blocks", type=int, default=None, help="U-Net res blocks per level (paper: 2)")
+    p.add_argument("--attn-res", default=None, help="resolutions with self-attention in the U-Net (paper: 16)")
+    p.add_argument("--c-blocks", type=int, default=None,
+                   help="model C: ResNet blocks per level (8 at 128 channels ~ the U-Net's 36M parameters)")
+    p.add_argument("--depth", type=int, default=None, help="toys: hidden layers of the MLPs (3)")
+    p.add_argument("--dropout", type=float, default=None, help="U-Net dropout (paper: 0.1)")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="ancestral steps for evaluation (paper: 1000); fewer = strided (respaced) sampling")
+    p.add_argument("--var", default="large", choices=["large", "small"],
+                   help="reverse variance of Eq. 3: beta_t (large, DDPM's CIFAR-10 choice) or the posterior's")
+    p.add_argument("--eval-samples", type=int, default=None,
+                   help="samples per model for the metrics (toys 2000; images: --fid-samples)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="only the conservativeness diagnostics (Jacobian asymmetry and loop circulation per t; "
+                        "with --steps 0 on untrained models)")
+    p.add_argument("--diag-t", default="1,10,100,300,600,1000",
+                   help="noise levels t (1..T, the paper's indexing) for the diagnostics")
+    p.add_argument("--diag-batch", type=int, default=None,
+                   help="points per level for the diagnostics (toys 256, images 4)")
+    p.add_argument("--diag-probes", type=int, default=None,
+                   help="random projections per point (Hutchinson; toys 8, images 2: float64 on CPU is slow)")
+    args = common.parse_args(p, PRESETS, argv)
+    args.model = MODELS[args.model]
+    toy = args.dataset in common.TOYS
+    for key, value in (TOY_DEFAULTS if toy else IMAGE_DEFAULTS).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.eval_samples is None:  # images: the FID sample count (a 16-image grid when 0)
+        args.eval_samples = max(args.fid_samples, 16)
+    if args.diag_batch is None:
+        args.diag_batch = 256 if toy else 4
+    if args.diag_probes is None:
+        args.diag_probes = 8 if toy else 2
+    common.check_positive(args, "T", "beta_1", "beta_T", "lr", "grad_clip", "ch", "sample_steps",
+                          "eval_samples", "diag_batch", "diag_probes")
+    if not 0 <= args.ema < 1:
+        raise common.UserError(f"--ema must be in [0, 1) (got {args.ema})")
+    if not args.beta_1 < args.beta_T < 1:
+        raise common.UserError("need 0 < --beta-1 < --beta-T < 1")
+    if args.sample_steps > args.T:
+        raise common.UserError(f"--sample-steps {args.sample_steps} exceeds --T {args.T}")
+    args.diag_t_list = [int(s) for s in args.diag_t.split(",")]
+    if not all(1 <= t <= args.T for t in args.diag_t_list):
+        raise common.UserError(f"--diag-t levels must lie in 1..{args.T}")
+    return args
+
+
+# ======================================================================================
+# Data
+# ======================================================================================
+
+def load_data(args):
+    """Images: float [N, C, H, W] in [-1, 1] (mnist/fashion at 28 px); toys: None (fresh
+    samples are drawn every step from the global torch RNG)."""
+    if args.dataset in common.TOYS:
+        return None
+    return common.to_float(common.load_images(args.dataset, args.data_dir, "train"))
+
+
+def draw_x0(args, data, batches, n, device):
+    if data is None:
+        return common.toy_sample(args.dataset, n).to(device)
+    x0 = next(batches).to(device)
+    return common.random_flip(x0) if args.dataset in ("cifar10", "celeba") else x0  # DDPM flips CIFAR-10
+
+
+# ======================================================================================
+# Networks
+# ======================================================================================
+
+class ToyMLP(nn.Module):
+    """2-D toys: [x, sinusoidal(t)] -> MLP (SiLU) -> out_dim (2 for f of A/B, 1 for g of C)."""
+
+    def __init__(self, out_dim, width=128, depth=3, temb_dim=32):
+        super().__init__()
+        self.temb_dim = temb_dim
+        self.net = common.mlp([2 + temb_dim] + [width] * depth + [out_dim], act=nn.SiLU)
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, common.timestep_embedding(t, self.temb_dim)], 1)).squeeze(-1)
+
+
+class ResNetEnergy(nn.Module):
+    """Model C's g(x, t) -> [B] on images: common.EnergyResNet's blocks and time-embedding
+    head (spatial sum, inner product with a vector from the time embedding), but with a
+    smooth SiLU before the sum where EnergyResNet applies ReLU: with ReLU, grad_x E jumps
+    wherever a unit crosses zero, so eps_hat would be discontinuous in x."""
+
+    def __init__(self, in_ch, ch, ch_mult, num_blocks):
+        super().__init__()
+        self.body = common.EnergyResNet(in_ch=in_ch, ch=ch, ch_mult=ch_mult, num_blocks=num_blocks,
+                                        time_embed=True, sn=False, act=nn.SiLU())
+
+    def forward(self, x, t):
+        b = self.body
+        temb = b.temb(common.timestep_embedding(t, b.ch))
+        h = b.conv_in(x)
+        for block in b.blocks:
+            h = block(h, temb)
+        return (b.act(h).sum(dim=(2, 3)) * b.head(temb)).sum(1)
+
+
+def build_net(name, args, shape):
+    """f for A and B (the same network), g for C. shape: one example's shape."""
+    if len(shape) == 1:
+        return ToyMLP(1 if name == "C" else 2, args.ch, args.depth)
+    ch_mult = tuple(int(m) for m in args.ch_mult.split(","))
+    if name == "C":
+        # Classifier-style: no short-cut from x to the output. SiLU instead of the blocks'
+        # default leaky ReLU: a piecewise-linear E has a piecewise-constant gradient, i.e.
+        # eps_hat would not depend smoothly on x (our choice; the paper gives no details).
+        return ResNetEnergy(shape[0], args.ch, ch_mult, args.c_blocks)
+    attn = tuple(int(r) for r in args.attn_res.split(",") if r)
+    return common.UNet(in_ch=shape[0], ch=args.ch, ch_mult=ch_mult, num_res_blocks=args.num_res_blocks,
+                       attn_res=attn, dropout=args.dropout, resolution=shape[-1])
+
+
+def _col(v, x):
+    """Per-example scalars [B] -> broadcastable against x [B, ...]."""
+    return v.reshape(-1, *([1] * (x.dim() - 1))).to(x)
+
+
+def energy(name, net, x, t, sigma_t):
+    """E(x, t) [B] for the energy models. B: Eq. 5. C: g(x, t) / sigma_t (the same 1/sigma_t
+    scale as Eq. 5, so g's gradient is O(1) at every t)."""
+    if name == "B":
+        return (x - net(x, t)).flatten(1).pow(2).sum(1) / (2 * sigma_t)  # Eq. 5
+    return net(x, t) / sigma_t
+
+
+def eps_hat(name, net, x, t, sigma_t, create_graph=False):
+    """The noise prediction eps_hat(x, t) = -sigma_t * score.
+
+    x [B, ...]; t [B] integer level in 0..T-1 (the paper's t - 1); sigma_t [B] =
+    sqrt(1 - alpha_bar_t). create_graph=True (training, diagnostics) keeps the graph of
+    grad_x E so that a loss on eps_hat trains E by double backpropagation; sampling uses
+    False. x must reach the network untouched (no detach, no cast), or grad_x E silently
+    loses the second term of Eq. 6.
+    """
+    if name == "A":
+        return x - net(x, t)  # Eq. 6, first term only (times sigma_t)
+    if not x.requires_grad:  # a plain input: make it a leaf we can differentiate against
+        x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        E = energy(name, net, x, t, sigma_t)
+        (grad_E,) = torch.autograd.grad(E.sum(), x, create_graph=create_graph)
+    return _col(sigma_t, x) * grad_E  # Eq. 6: eps_hat = sigma_t grad_x E
+
+
+# ======================================================================================
+# Objective: DDPM's epsilon-prediction loss (Ho et al. 2020, Eq. 14, "L_simple")
+# ======================================================================================
+
+def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
+    """Linear betas (Ho et al. 2020) in float64, index 0..T-1 = the paper's t = 1..T."""
+    beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    alpha = 1 - beta
+    alpha_bar = torch.cumprod(alpha, 0)
+    return {"beta": beta, "alpha": alpha, "alpha_bar": alpha_bar, "sigma": (1 - alpha_bar).sqrt()}
+
+
+def q_sample(sched, x0, t, eps):
+    """x_t = sqrt(alpha_bar_t) x0 + sigma_t eps, a draw of q(x_t | x0) (p~_t in Sec. 1)."""
+    a = sched["alpha_bar"].to(x0.device)[t].sqrt()
+    return _col(a, x0) * x0 + _col(sched["sigma"].to(x0.device)[t], x0) * eps
+
+
+def ddpm_loss(name, net, sched, x0, t, eps):
+    """||eps - eps_hat(x_t, t)||^2, mean over batch and dimensions."""
+    x_t = q_sample(sched, x0, t, eps)
+    sigma_t = sched["sigma"].to(x0.device)[t].to(x0.dtype)
+    return (eps - eps_hat(name, net, x_t, t, sigma_t, create_graph=True)).pow(2).mean()
+
+
+# ======================================================================================
+# Sampler
+# ======================================================================================
+
+def respaced(sched, n_steps):
+    """The timesteps S (n_steps of 0..T-1, evenly spaced, always including T-1 and 0) and
+    the respaced betas beta'_k = 1 - alpha_bar_{S_k} / alpha_bar_{S_{k-1}} (Nichol &
+    Dhariwal 2021, Sec. 4): DDPM on a sub-sequence. n_steps = T gives DDPM exactly."""
+    T = len(sched["beta"])
+    S = torch.linspace(0, T - 1, n_steps, dtype=torch.float64).round().long().unique()
+    abar = sched["alpha_bar"][S]
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return S, 1 - abar / abar_prev, abar, abar_prev
+
+
+@torch.no_grad()
+def sample(eps_fn, shape, sched, n_steps, var="large", device="cpu", generator=None):
+    """DDPM ancestral sampling (Eq. 3) from x_T ~ N(0, I) with the eps predictor
+    eps_fn(x [B, ...], t [B]) -> [B, ...]; n_steps < T runs it on respaced betas."""
+    S, beta, abar, abar_prev = respaced(sched, n_steps)
+    x = torch.randn(shape, generator=generator).to(device)
+    for k in reversed(range(len(S))):
+        t = torch.full((shape[0],), int(S[k]), dtype=torch.long, device=device)
+        eps = eps_fn(x, t).detach()
+        alpha_k = 1 - beta[k]
+        x = (x - float(beta[k] / (1 - abar[k]).sqrt()) * eps) / math.sqrt(alpha_k)  # Eq. 3, the mean
+        if k > 0:
+            # Eq. 3 writes the reverse std as sigma_t (not the noise level of Eq. 5)
+            tau2 = beta[k] if var == "large" else beta[k] * (1 - abar_prev[k]) / (1 - abar[k])
+            x = x + math.sqrt(float(tau2)) * torch.randn(shape, generator=generator).to(device)
+    return x
+
+
+def model_eps_fn(name, net, sched):
+    sigma = sched["sigma"]
+    return lambda x, t: eps_hat(name, net, x, t, sigma.to(x.device)[t].float())
+
+
+# ======================================================================================
+# Training
+# ======================================================================================
+
+def train_step(name, net, opt, sched, x0, t, eps, lr, grad_clip):
+    """One optimiser step of model `name` on (x0, t, eps); returns (loss, grad norm) as
+    tensors (no host sync). Gradients are averaged over ranks under torchrun."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = ddpm_loss(name, net, sched, x0, t, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = list(net.parameters())
+    common.average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return loss.detach(), grad_norm
+
+
+def ema_decay(step, decay):
+    """EMA decay with TF's num_updates warm-up, so short runs do not sample from weights
+    that are mostly the initial ones (ours: DDPM uses the plain decay)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def build_models(args, shape, device):
+    """{name: {"net", "ema", "opt"}}; each model is built right after seeding with --seed,
+    so A's and B's f start from identical weights."""
+    names = ["A", "B", "C"] if args.model == "all" else [args.model]
+    models = {}
+    for name in names:
+        common.seed_everything(args.seed)
+        net = build_net(name, args, shape).to(device)
+        common.broadcast_params(net)
+        models[name] = {"net": net, "ema": common.make_ema(net),
+                        "opt": torch.optim.Adam(net.parameters(), lr=args.lr)}
+    return models
+
+
+def train(args, models, sched, data, batches, shape, device, out, start, checkpoint, world):
+    """The training loop for every model in `models` on the same batches and noise.
+    Returns False when stopped by a signal (checkpoint saved)."""
+    logger = common.Logger(out, args.steps, initial=start)
+    stop = common.StopFlag()
+    losses = {}
+    bs = args.batch_size // world
+    for step in range(start, args.steps):
+        x0 = draw_x0(args, data, batches, bs, device)
+        t = torch.randint(args.T, (len(x0),), device=device)  # t ~ U{1..T} (0-based here)
+        eps = torch.randn_like(x0)
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))  # linear warm-up
+        for name, m in models.items():
+            losses[name] = train_step(name, m["net"], m["opt"], sched, x0, t, eps, lr, args.grad_clip)
+            common.ema_update(m["ema"], m["net"], ema_decay(step, args.ema))
+        logger.update()
+        done = step + 1
+        log_now = done % args.log_every == 0 or done == args.steps
+        ckpt_now = done % args.ckpt_every == 0 or done == args.steps or stop.requested
+        if log_now or ckpt_now:  # never checkpoint a diverged model
+            sfx = (lambda n: "") if len(models) == 1 else (lambda n: "_" + n)
+            row = {}
+            for name, (loss, gn) in losses.items():
+                row["loss" + sfx(name)], row["grad_norm" + sfx(name)] = loss.item(), gn.item()
+            common.check_finite(done, "--lr, --grad-clip", **row)
+            if log_now:
+                logger.log(done, args.batch_size, lr=lr, **row)
+        if done % args.ckpt_every == 0 or done == args.steps:
+            checkpoint(done)
+            save_pictures(out, done, models, sched, args, shape, device)
+        if stop.requested:
+            checkpoint(done)
+            logger.close()
+            return False
+    if start >= args.steps:  # nothing to train (--steps 0, or resumed at the end)
+        checkpoint(start)
+        save_pictures(out, start, models, sched, args, shape, device)
+    logger.close()
+    return True
+
+
+# ======================================================================================
+# Evaluation
+# ======================================================================================
+
+def jvp_vjp(fn, x, v):
+    """(J v, J^T v) of fn at x [B, ...] for directions v, J = d fn / dx per example, by
+    reverse mode only (the double-vjp trick: J^T u is linear in u, and its vjp is J v)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(x)
+        u = torch.zeros_like(y, requires_grad=True)
+        (JTu,) = torch.autograd.grad(y, x, u, create_graph=True)
+        (Jv,) = torch.autograd.grad(JTu, u, v, retain_graph=True)
+        (JTv,) = torch.autograd.grad(y, x, v)
+    return Jv, JTv
+
+
+def jacobian_asymmetry(fn, x, n_probes, generator=None):
+    """||J - J^T||_F / ||J||_F per example [B], with ||A||_F^2 = E_v ||A v||^2 for
+    v ~ N(0, I) (Hutchinson) averaged over n_probes directions."""
+    num = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    den = torch.zeros_like(num)
+    for _ in range(n_probes):
+        v = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        Jv, JTv = jvp_vjp(fn, x, v)
+        num += (Jv - JTv).flatten(1).pow(2).sum(1)
+        den += Jv.flatten(1).pow(2).sum(1)
+    return (num / den).sqrt(), (den / n_probes).sqrt()
+
+
+def loop_circulation(fn, x, radius, n_points=32, generator=None):
+    """Circulation of the field fn around a circle of `radius` in a random 2-D plane
+    through each x [B, ...], by the trapezoid rule (exact to ~machine precision for a
+    smooth periodic integrand), divided by the enclosed area pi r^2. For a linear field
+    this is w^T (J - J^T) u; zero for any conservative field."""
+    B, d = len(x), x[0].numel()
+    u = torch.randn(B, d, generator=generator, dtype=x.dtype).to(x.device)
+    w = torch.randn(B, d, generator=generator, dtype=x.dtype).to(x.device)
+    u = u / u.norm(dim=1, keepdim=True)
+    w = w - (w * u).sum(1, keepdim=True) * u
+    w = w / w.norm(dim=1, keepdim=True)
+    circ = torch.zeros(B, dtype=x.dtype, device=x.device)
+    for k in range(n_points):
+        th = 2 * math.pi * k / n_points
+        point = x.flatten(1) + radius * (math.cos(th) * u + math.sin(th) * w)
+        tangent = radius * (-math.sin(th) * u + math.cos(th) * w)
+        circ += (fn(point.view_as(x)).detach().flatten(1) * tangent).sum(1)
+    return circ * (2 * math.pi / n_points) / (math.pi * radius ** 2)
+
+
+@contextlib.contextmanager
+def float64():
+    """Default dtype float64 inside: common.timestep_embedding builds its frequencies in
+    the default dtype, so this is what makes a .double() U-Net run in float64."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def diagnose(name, net, sched, args, x0, t_levels, loops=True):
+    """Per level t (1-based): asym = ||J - J^T||_F / ||J||_F of eps_hat (Hutchinson), and
+    circ = the same ratio estimated from loop circulations (E[(w^T A u)^2] =
+    ||A||_F^2 / (d (d - 1)) for antisymmetric A and a random orthonormal pair u, w).
+    Runs in float64 on a copy of the network, so conservative models read ~1e-15."""
+    net64 = copy.deepcopy(net).double().eval()
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x0 = x0.double()
+    d = x0[0].numel()
+    out = {}
+    with float64():
+        for t1 in t_levels:
+            out.update(_diagnose_level(name, net64, sched, args, x0, t1, loops, gen, d))
+    return out
+
+
+def _diagnose_level(name, net64, sched, args, x0, t1, loops, gen, d):
+    t = torch.full((len(x0),), t1 - 1, dtype=torch.long, device=x0.device)
+    sigma_t = sched["sigma"].to(x0.device)[t]
+    eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+    x_t = q_sample(sched, x0, t, eps)
+    fn = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=True)
+    ratio, J_norm = jacobian_asymmetry(fn, x_t, args.diag_probes, gen)
+    out = {f"asym_t{t1}": float(ratio.pow(2).mean().sqrt())}
+    if loops:
+        fn0 = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=False)
+        c = loop_circulation(fn0, x_t, radius=0.1 * float(sigma_t[0]), generator=gen)
+        out[f"circ_t{t1}"] = float((d * (d - 1) * c.pow(2).mean()).sqrt() / J_norm.pow(2).mean().sqrt())
+    return out
+
+
+def measure_step(name, net, sched, x0, t, eps, args, device, repeats=3):
+    """(seconds per training step, peak memory of one step in MiB) on a copy of the model.
+
+    peak_mem: on CUDA the allocator's peak during the step above what was allocated
+    before it; on CPU (no allocator statistics) the bytes of the tensors autograd saves
+    during the step (forward and, for B and C, the double-backward graph), counted once
+    per storage: a lower bound of the step's activation memory."""
+    net = copy.deepcopy(net).train()
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step = lambda: train_step(name, net, opt, sched, x0, t, eps, args.lr, args.grad_clip)
+    step()  # warm-up (allocations, kernels)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        sync()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        storages = {}
+
+        def pack(tensor):
+            s = tensor.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            step()
+        peak = sum(storages.values())
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / repeats, peak / 2 ** 20
+
+
+def heldout_batch(args, data, n, device, seed):
+    """A fixed batch (x0, t, eps) from a private generator (the training RNG is untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    if data is None:
+        x0 = common.toy_sample(args.dataset, n, generator=gen)
+    else:
+        x0 = data[torch.randint(len(data), (n,), generator=gen)]
+    t = torch.randint(args.T, (n,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    return x0.to(device), t.to(device), eps.to(device)
+
+
+def draw_samples(name, net, sched, args, shape, n, device, n_steps):
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    eps_fn = model_eps_fn(name, net, sched)
+    out, bs = [], 2000 if len(shape) == 1 else 50
+    for i in range(0, n, bs):
+        out.append(sample(eps_fn, (min(bs, n - i), *shape), sched, n_steps, args.var, device, gen).cpu())
+    return torch.cat(out)
+
+
+def evaluate(name, m, sched, args, data, shape, device):
+    """The comparison's metrics of one model (EMA weights): sample quality, held-out loss,
+    Jacobian asymmetry, cost of a training step. Returns ({metric: value}, samples)."""
+    ema = m["ema"]
+    metrics = {"params": sum(p.numel() for p in ema.parameters())}
+    x0, t, eps = heldout_batch(args, data, 512 if data is None else 64, device, args.seed + 3)
+    with torch.no_grad() if name == "A" else torch.enable_grad():
+        metrics["loss"] = float(ddpm_loss(name, ema, sched, x0, t, eps).detach())
+    n_time = min(args.batch_size, 512 if data is None else 16)
+    metrics["s_per_step"], metrics["peak_mem"] = measure_step(
+        name, m["net"], sched, x0[:n_time], t[:n_time], eps[:n_time], args, device)
+    diag = diagnose(name, ema, sched, args, x0[:args.diag_batch], args.diag_t_list, loops=False)
+    metrics["asym"] = float(np.mean(list(diag.values())))
+    x = draw_samples(name, ema, sched, args, shape, args.eval_samples, device, args.sample_steps)
+    if data is None:
+        ref = common.toy_sample(args.dataset, len(x), generator=torch.Generator().manual_seed(args.seed + 4))
+        metrics["mmd"] = common.mmd_rbf(x, ref)
+        log_p = common.toy_log_prob(args.dataset, x)
+        if log_p is not None:  # floored at -100 nats so that a stray sample cannot give -inf
+            metrics["loglik"] = float(log_p.clamp_min(-100.0).mean())
+        if common.toy_modes(args.dataset) is not None:
+            metrics.update(common.mode_stats(x, args.dataset))
+    elif args.fid_samples > 0:
+        metrics["fid"] = common.fid_vs_data(x[:args.fid_samples], args.dataset, args.data_dir, "test", device)
+        probs = common.inception_probs(x[:args.fid_samples], device)  # None (and a note) without the weights
+        if probs is not None:
+            metrics["is"] = common.inception_score(probs)[0]
+    return metrics, x
+
+
+def save_pictures(out, step, models, sched, args, shape, device):
+    if not common.is_main():
+        return
+    n = 1000 if len(shape) == 1 else 16
+    samples = {name: draw_samples(name, m["ema"], sched, args, shape, n, device, min(args.sample_steps, 100))
+               for name, m in models.items()}
+    if len(shape) == 1:
+        panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(0)))]
+        common.save_toy_panels(out / f"samples_{step}.png", panels + [(k, v) for k, v in samples.items()])
+    else:
+        common.save_image_grid(out / f"samples_{step}.png", torch.cat(list(samples.values())), nrow=16 if len(
+            samples) > 1 else 8)
+
+
+def print_table(rows, keys):
+    """rows: {model: {metric: value}} -> the comparison table on stdout."""
+    if not common.is_main():
+        return
+    print("model " + " ".join(f"{k:>11}" for k in keys))
+    for name, r in rows.items():
+        print(f"{name:5} " + " ".join(f"{r[k]:>11.4g}" if k in r else f"{'-':>11}" for k in keys))
+
+
+# ======================================================================================
+# Main
+# ======================================================================================
+
+TABLE_KEYS = ["loss", "mmd", "loglik", "hq_frac", "modes", "fid", "is", "asym", "s_per_step", "peak_mem", "params"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = common.init_distributed()
+    device = common.pick_device(args.device)
+    data = load_data(args)
+    shape = (2,) if data is None else tuple(data.shape[1:])
+    models = build_models(args, shape, device)  # seeds --seed before each model
+    common.seed_everything(args.seed + rank)
+    out = common.prepare_out_dir(args, "energy_vs_score")
+    sched = ddpm_schedule(args.T, args.beta_1, args.beta_T)
+    batches = common.Batches(data, args.batch_size // world, seed=args.seed) if data is not None else None
+
+    start = 0
+    if args.resume or args.eval_only:
+        state = common.load_checkpoint(out / "checkpoint.pt", "energy_vs_score", args, must_match=(
+            "dataset", "model", "ch", "ch_mult", "num_res_blocks", "attn_res", "c_blocks", "depth", "T"))
+        for name, m in models.items():
+            for key in ("net", "ema", "opt"):
+                common.load_state(m[key], state["models"][name][key], f"{name} {key}")
+        start = state["step"]
+        if batches is not None:
+            batches.load_state_dict(state["batches"])
+        common.set_rng_state(state["rng"])
+
+    def checkpoint(step):
+        state = {"script": "energy_vs_score", "args": vars(args), "step": step, "rng": common.rng_state(),
+                 "models": {n: {k: m[k].state_dict() for k in ("net", "ema", "opt")} for n, m in models.items()}}
+        if batches is not None:
+            state["batches"] = batches.state_dict()
+        common.save_checkpoint(out / "checkpoint.pt", state)
+
+    if not args.eval_only:
+        finished = train(args, models, sched, data, batches, shape, device, out, start, checkpoint, world)
+        if not finished:
+            return
+
+    rows, x_all = {}, {}
+    for name, m in models.items():
+        if args.diagnose:
+            x0 = heldout_batch(args, data, args.diag_batch, device, args.seed + 3)[0]
+            rows[name] = diagnose(name, m["ema"], sched, args, x0, args.diag_t_list)
+        else:
+            rows[name], x_all[name] = evaluate(name, m, sched, args, data, shape, device)
+    if args.diagnose:
+        keys = [f"{k}_t{t}" for t in args.diag_t_list for k in ("asym", "circ")]
+    else:
+        keys = [k for k in TABLE_KEYS if any(k in r for r in rows.values())]
+    print_table(rows, keys)
+    if args.eval_only and common.is_main() and x_all:
+        if len(x_all) == 1:
+            np.savez(out / "samples.npz", x=next(iter(x_all.values())).numpy())
+        else:  # --model all: x [3, N, ...] in the order of `models`
+            np.savez(out / "samples.npz", x=np.stack([v.numpy() for v in x_all.values()]),
+                     models=np.array(list(x_all)))
+    common.write_metrics(out, {f"{name}_{k}": v for name, r in rows.items() for k, v in r.items()})
+
+
+if __name__ == "__main__":
+    common.main_guard(main)
