@@ -100,7 +100,7 @@ def test_langevin_runs_in_fp32_for_a_low_precision_network():
 
 
 def test_langevin_memory_is_flat_in_the_number_of_steps():
-    # Peak RSS of a fresh process: a 4 MB activation per step would add ~4 GB over 1000
+    # Peak RSS of a fresh process: a 2 MB activation per step would add ~2 GB over 1000
     # steps if any graph were kept between steps.
     code = textwrap.dedent("""
         import resource, sys, torch
@@ -109,7 +109,7 @@ def test_langevin_memory_is_flat_in_the_number_of_steps():
         torch.set_num_threads(1)
         w = torch.randn(256, 256) / 16
         lp = lambda x: -(torch.tanh(x @ w) ** 2).sum(1)
-        common.langevin(lp, torch.randn(4096, 256), int(sys.argv[1]), 0.01)
+        common.langevin(lp, torch.randn(2048, 256), int(sys.argv[1]), 0.01)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """) % str(ROOT)
     rss = [int(subprocess.run([sys.executable, "-c", code, str(k)], capture_output=True, text=True,
@@ -175,10 +175,10 @@ def test_ema_update_is_a_convex_combination():
 
 @pytest.mark.parametrize("name", ["8gaussians", "25gaussians", "swissroll", "rings", "checkerboard"])
 def test_toy_log_prob_integrates_to_one_and_matches_samples(name):
-    # lim = 4, n = 320: the grid step 0.025 divides the checkerboard's unit squares and is
-    # under the smallest noise std (0.0177) times 1.5, where the midpoint rule is exact
-    # to far below the tolerance for Gaussian bumps.
-    n_grid, lim = 320, 4.0
+    # lim = 2.75 holds every toy's mass to < 1e-6; the step 0.025 puts grid-cell edges on
+    # the checkerboard's integer lines and is under 1.5 x the smallest noise std (0.0177),
+    # where the midpoint rule is exact far below the tolerance for Gaussian bumps.
+    n_grid, lim = 220, 2.75
     assert abs(common.log_z_grid(lambda x: common.toy_log_prob(name, x), lim=lim, n=n_grid)) < 2e-3
     # Samples drawn by inverse CDF on the grid from exp(log_prob) must match toy_sample.
     g = torch.Generator().manual_seed(0)
