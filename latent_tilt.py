@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--base-ckpt", default=None,
                    help="--stage ebm: the frozen base's checkpoint (default runs/latent_tilt-DATASET-BASE/"
                         "checkpoint.pt, what --stage base writes); its architecture flags are read from it")
-    p.add_argument("--base-steps", type=int, default=None, help="base steps (paper ~120k; 3000 toys, 2000 images)")
+    p.add_argument("--base-steps", type=int, default=None, help="base steps (paper ~120k; 10000 toys, 2000 images)")
     p.add_argument("--base-batch-size", type=int, default=128, help="base batch size (paper: 128; GLOW 64)")
     p.add_argument("--base-lr", type=float, default=None, help="base Adam lr (paper: 1e-3; GLOW 5e-4)")
     p.add_argument("--nz", type=int, default=None, help="latent size (paper: 100 VAE, 64 GLF; toys: 2)")
@@ -114,7 +114,7 @@ def resolve_defaults(args):
             args.steps = (100000 if args.dataset == "cifar10" else 20000) if args.preset else 200
         else:
             args.steps = 1000 if toy or args.base == "vae" else 200
-    defaults = dict(batch_size=128 if toy else 32, base_steps=3000 if toy else 2000,
+    defaults = dict(batch_size=128 if toy else 32, base_steps=10000 if toy else 2000,
                     nz=2 if toy else (64 if args.base == "glf" else 100), lr=3e-3 if toy else 1e-4,
                     base_lr=5e-4 if args.base == "glow" else 1e-3, langevin_steps=60 if toy else 20,
                     eval_every=100 if toy else 50, stop_samples=1000 if toy else 200)
