@@ -39,7 +39,7 @@ SCRIPTS = {
                  "--eval-every", "2", "--slow-every", "1", "--lr-decay-every", "1"],
         "arch": ["--q-width", "32"], "step": "--post-step-size", "nan": ["--prior-step-size", "1e12"]},
     "latent_tilt": {
-        "tiny": ["--base-steps", "3", "--eval-every", "2", "--langevin-steps", "3", "--sample-steps", "3",
+        "tiny": ["--base-steps", "3", "--eval-every", "2", "--patience", "0", "--langevin-steps", "3", "--sample-steps", "3",
                  "--hidden", "16", "--stop-samples", "50", "--batch-size", "32"],
         "arch": ["--hidden", "32"], "step": "--eps", "nan": ["--lr", "1e30"]},
 }
