@@ -1103,11 +1103,28 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _non_finite(obj, where="checkpoint"):
+    """The key path of the first floating-point tensor in a nested dict/list with a NaN or
+    Inf, else None."""
+    if torch.is_tensor(obj):
+        return where if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        bad = _non_finite(value, f"{where}[{key!r}]")
+        if bad:
+            return bad
+    return None
+
+
 def save_checkpoint(path, state):
     """torch.save(state) to a temp file in the same folder, fsync, then os.replace: a crash
     at any moment leaves either the old or the new checkpoint, never half of one."""
     if not is_main():
         return
+    bad = _non_finite(state)
+    if bad:  # never replace the last good checkpoint with a diverged one
+        raise Diverged(f"not saving a checkpoint with non-finite values in {bad}; the last good checkpoint "
+                       "is kept. Lower the learning rate or the Langevin step size and --resume")
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
     try:

@@ -155,13 +155,19 @@ def log_steps(out):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def start_long_run(name, argv, cwd, out, logged):
+    """Start a run far longer than the test and return once it has logged `logged` steps."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *argv, "--steps", "100000"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(log_steps(out)) >= logged, proc)
+    return proc
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_sigint_saves_and_resume_continues(name, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     argv = [*SCRIPTS[name]["tiny"], "--out", str(out), "--log-every", "1", "--ckpt-every", "1000"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *argv, "--steps", "100000"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(log_steps(out)) >= 2, proc)
+    proc = start_long_run(name, argv, tmp_path, out, logged=2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
@@ -181,9 +187,7 @@ def test_sigint_saves_and_resume_continues(name, tmp_path, monkeypatch, capsys):
 def test_sigkill_keeps_the_last_periodic_checkpoint(name, tmp_path):
     out = tmp_path / "run"
     argv = [*SCRIPTS[name]["tiny"], "--out", str(out), "--log-every", "1", "--ckpt-every", "1"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *argv, "--steps", "100000"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(log_steps(out)) >= 3, proc)
+    proc = start_long_run(name, argv, tmp_path, out, logged=3)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     step = checkpoint_step(out)  # intact: loads with weights_only

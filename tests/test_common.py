@@ -467,6 +467,14 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
 
 
+def test_a_diverged_state_is_never_saved(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"script": "demo", "step": 1, "model": {"w": torch.ones(3)}})
+    with pytest.raises(common.Diverged, match=r"\['model'\]\['w'\]"):
+        common.save_checkpoint(path, {"script": "demo", "step": 2, "model": {"w": torch.tensor([1.0, float("nan")])}})
+    assert common.load_checkpoint(path, "demo")["step"] == 1
+
+
 def test_corrupt_foreign_and_mismatched_checkpoints_give_one_line_errors(tmp_path):
     import argparse
     bad = tmp_path / "bad.pt"
@@ -551,6 +559,7 @@ DDP_WORKER = textwrap.dedent("""
     if rank == 0:
         torch.save({"params": out, "state": model.state_dict()}, sys.argv[1])
     torch.save(torch.stack(seen), sys.argv[1] + f".rank{rank}")
+    dist.barrier()  # both files written before either rank tears gloo down
     dist.destroy_process_group()
 """)
 
