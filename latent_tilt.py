@@ -80,8 +80,7 @@ def build_parser():
     p.add_argument("--ngf", type=int, default=32, help="DCGAN encoder/decoder width (paper: 64)")
     p.add_argument("--hidden", type=int, default=64, help="toys: width of the MLP VAE and energy")
     p.add_argument("--input-scale", type=float, default=8.0,
-                   help="toys: the energy MLP sees input_scale * x (not in the paper; at 1 the MLP stays too "
-                        "smooth to carve the std-0.018 modes and the tilt does almost nothing)")
+                   help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt: README)")
     p.add_argument("--recon-std", type=float, default=0.05, help="toys: std of the VAE's Gaussian decoder")
     p.add_argument("--glow-levels", type=int, default=2, help="GLOW levels (squeeze ... split); paper: 2, cifar10 3")
     p.add_argument("--glow-depth", type=int, default=4, help="GLOW flow steps per level (paper: 16, cifar10 32)")
@@ -96,8 +95,7 @@ def build_parser():
                    help="Langevin steps per training step (paper: 60; default 60 toys, 20 images on CPU)")
     p.add_argument("--sample-steps", type=int, default=100, help="Langevin steps when sampling (paper: 100)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1, the image default; toys 0.3: at 0.1 "
-                        "the tilt over-weights some modes and MMD rises)")
+                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1; default 0.1 images, 0.3 toys: README)")
     p.add_argument("--eval-every", type=int, default=None, help="early stop: score every N steps (toys 200; 50)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many scores without improvement (0: never)")
     p.add_argument("--stop-samples", type=int, default=None,
@@ -514,6 +512,19 @@ def train_base(args, G, batches, state, out, device, stop, nz):
     return True
 
 
+def ebm_update(e_data, e_model, alpha, opt, params, logger, step, args, knobs):
+    """One Adam step on mle_loss (latent and pixel EBM alike) and the log line."""
+    loss = mle_loss(e_data, e_model, alpha)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    common.average_gradients(params)
+    opt.step()
+    logger.update()
+    if step % args.log_every == 0 or step == args.steps:
+        common.check_finite(step, knobs, loss=loss.item())
+        logger.log(step, args.batch_size, loss=loss.item(), e_data=e_data.mean().item(), e_sample=e_model.mean().item())
+
+
 @torch.no_grad()
 def sample_score(args, G, E, nz, device, ref):
     """Early-stop score (lower is better) of a fixed set of EBM samples: MMD vs. fresh toy data,
@@ -567,17 +578,7 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz):
         x = next_batch(args, batches, B, device)
         z = sample_latent(E, G, torch.randn(B, nz, device=device), args.langevin_steps, args.eps)  # Eq. 8
         x_model = G(z).detach()
-        e_data, e_model = E(x), E(x_model)
-        loss = mle_loss(e_data, e_model, args.alpha)  # Eq. 5 / 7
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        common.average_gradients(params)
-        opt.step()
-        logger.update()
-        if step % args.log_every == 0 or step == args.steps:
-            value = loss.item()
-            common.check_finite(step, "--lr, --eps", loss=value)
-            logger.log(step, args.batch_size, loss=value, e_data=e_data.mean().item(), e_sample=e_model.mean().item())
+        ebm_update(E(x), E(x_model), args.alpha, opt, params, logger, step, args, "--lr, --eps")  # Eq. 5 / 7
         if args.eval_every and step % args.eval_every == 0:
             check(step)
         if step % args.ckpt_every == 0 or step == args.steps or stop.requested or track["stopped"]:
@@ -616,17 +617,7 @@ def train_pixel(args, E, batches, state, out, device, stop, shape):
         x0 = torch.where(fresh[:, None, None, None], torch.rand_like(x0) * 2 - 1, x0)
         x_model = sample_pixels(E, x0, args)
         buffer[idx] = x_model.cpu()
-        e_data, e_model = E(x), E(x_model)
-        loss = mle_loss(e_data, e_model, args.pixel_alpha)  # Eq. 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        common.average_gradients(params)
-        opt.step()
-        logger.update()
-        if step % args.log_every == 0 or step == args.steps:
-            value = loss.item()
-            common.check_finite(step, "--lr, --pixel-step", loss=value)
-            logger.log(step, args.batch_size, loss=value, e_data=e_data.mean().item(), e_sample=e_model.mean().item())
+        ebm_update(E(x), E(x_model), args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step")
         if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
             save(step)
             if common.is_main():
