@@ -800,8 +800,13 @@ def reference_stats(dataset, split, images, n, cache_dir="data/fid_stats", devic
 
 
 def fid(samples, ref_stats, device="cpu"):
-    """FID of samples [N, C, H, W] in [-1, 1] against reference (mu, sigma)."""
-    mu, sigma = feature_stats(inception_features(samples, device=device))
+    """FID of samples [N, C, H, W] in [-1, 1] against reference (mu, sigma). A sample holding
+    NaN / inf (e.g. an inverse flow that overflowed) is scored, with a warning, as the image
+    nan_to_num(0) clamped to [-1, 1]: a failed sample counts as a bad one, not as a crash."""
+    bad = int((~torch.isfinite(samples.flatten(1))).any(1).sum())
+    if bad:
+        print(f"warning: {bad} of {len(samples)} samples hold NaN/inf; FID scores them as clamped images")
+    mu, sigma = feature_stats(inception_features(samples.nan_to_num(0.0), device=device))
     return frechet_distance(mu, sigma, *ref_stats)
 
 

@@ -369,6 +369,21 @@ def test_fid_of_a_data_set_against_itself_is_zero():
     assert common.frechet_distance(*stats, *other) > 1.0
 
 
+def test_fid_scores_non_finite_samples_as_clamped_images(monkeypatch, capsys):
+    def fake_features(x, **k):  # a stand-in feature map that, like Inception, cannot take NaN
+        assert torch.isfinite(x).all()
+        return x.flatten(1).numpy()[:, :3].astype(np.float64)
+    monkeypatch.setattr(common, "inception_features", fake_features)
+    torch.manual_seed(0)
+    x = torch.rand(12, 1, 2, 2) * 2 - 1
+    ref = common.feature_stats(np.random.default_rng(0).standard_normal((50, 3)))
+    clean = x.clone()
+    clean[3, 0, 0, 0], clean[7] = 0.0, 0.0
+    x[3, 0, 0, 0], x[7] = float("nan"), float("nan")
+    assert common.fid(x, ref) == pytest.approx(common.fid(clean, ref), rel=1e-12)
+    assert "2 of 12 samples hold NaN/inf" in capsys.readouterr().out
+
+
 def test_reference_stats_are_cached(tmp_path, monkeypatch):
     calls = []
 
