@@ -308,7 +308,9 @@ class InvConv(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """x_b <- (x_b + t(x_a)) * sigmoid(s(x_a) + 2) (Glow's code); the coupling net is
+    """x_b <- (x_b + t(x_a)) * s, s = 0.01 + 0.99 sigmoid(h(x_a) + 2) (Glow's code, plus our floor on s:
+    without it the inverse's gain 1 / s is unbounded and latent Langevin chains through an
+    undertrained GLOW reached NaN within 10 steps); the coupling net is
     conv3x3 - ReLU - conv1x1 - ReLU - zero-initialised conv3x3 (the paper's 3-layer Highway
     net is replaced by this plain 3-layer net)."""
 
@@ -320,8 +322,8 @@ class AffineCoupling(nn.Module):
         nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)
 
     def _shift_scale(self, xa):
-        t, s = self.net(xa).chunk(2, 1)
-        return t, torch.sigmoid(s + 2.0)
+        t, h = self.net(xa).chunk(2, 1)
+        return t, 0.01 + 0.99 * torch.sigmoid(h + 2.0)
 
     def forward(self, x):
         xa, xb = x[:, :self.h], x[:, self.h:]
@@ -367,7 +369,10 @@ class Glow(nn.Module):
         zs.append(h)
         return torch.cat([z.flatten(1) for z in zs], 1), logdet
 
-    def decode(self, z):  # G(z) = f^-1(z)
+    def decode(self, z):  # G(z): the images live in [-1, 1]; the raw inverse can overshoot by orders of magnitude
+        return self.inverse(z).clamp(-1, 1)
+
+    def inverse(self, z):  # f^-1(z)
         sizes = [math.prod(s) for s in self.z_shapes]
         parts = [p.reshape(-1, *s) for p, s in zip(z.split(sizes, 1), self.z_shapes)]
         h = parts[-1]
