@@ -31,7 +31,7 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
-    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~30 CPU-minutes
+    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~45 CPU-minutes
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -86,7 +86,7 @@ def get_args(argv=None):
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (images; paper: on)")
     p.add_argument("--ch", type=int, default=32,
-                   help="ResNet base channels (paper 128; 32 keeps 1000 CPU steps to about half an hour)")
+                   help="ResNet base channels (paper 128; 32 keeps 1000 CPU steps under an hour)")
     p.add_argument("--ch-mult", default="1,2,2", help="ResNet channel multipliers (paper 1,2,2,2 at 32 px)")
     p.add_argument("--num-blocks", type=int, default=1, help="res blocks per resolution (paper 8 for CIFAR-10, 2 else)")
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
@@ -104,7 +104,7 @@ def get_args(argv=None):
                         "save their stages and energies (paper: long-run chains stay realistic)")
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
-    defaults = dict(batch_size=256 if toy else 32, b_square=3e-2 if toy else 2e-4, lr=5e-4 if toy else 1e-3,
+    defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4 if toy else 1e-3,
                     warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine" if toy else "none",
                     ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
     for key, value in defaults.items():
