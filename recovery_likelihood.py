@@ -469,7 +469,7 @@ def evaluate_toy(f, args, sch, device, out):
 
 def evaluate_images(f, args, sch, device, out, test, shape):
     """FID (and IS where torch-fidelity's weights exist) of progressive samples; test NLL in
-    bits/dim by (R6). Returns (metrics, samples)."""
+    bits/dim by (R6) when the AIS effective sample size allows it. Returns (metrics, samples)."""
     metrics = {}
     n = args.fid_samples or 64
     xs = torch.cat([progressive_sample(f, min(100, n - i), shape, sch, args.n_steps, args.sample_noise, device)
