@@ -1143,9 +1143,10 @@ def save_checkpoint(path, state):
         raise
 
 
-def load_checkpoint(path, script, args=None, must_match=()):
+def load_checkpoint(path, script, args=None, must_match=(), missing=None):
     """torch.load(path, weights_only=True) with one-line errors: a corrupt or foreign file,
-    a checkpoint of another script, or one whose args differ in a `must_match` key."""
+    a checkpoint of another script, or one whose args differ in a `must_match` key.
+    missing: {key: value} that checkpoints written before a flag existed implicitly used."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1154,6 +1155,8 @@ def load_checkpoint(path, script, args=None, must_match=()):
     if not isinstance(state, dict) or state.get("script") != script:
         other = state.get("script") if isinstance(state, dict) else None
         raise UserError(f"{path} was written by {other or 'something else'}, not {script}.py: choose a new --out")
+    for key, value in (missing or {}).items():
+        state["args"].setdefault(key, value)
     for key in must_match:
         saved, now = state["args"].get(key), getattr(args, key, None)
         if saved != now:

@@ -50,7 +50,7 @@ import common
 
 BASE_ARCH = ("base", "nz", "ngf", "hidden", "glow_levels", "glow_depth", "glow_hidden",
              "flow_couplings", "flow_hidden")
-EBM_ARCH = ("ch", "num_blocks", "hidden", "input_scale")
+EBM_ARCH = ("ch", "num_blocks", "hidden")
 _PAPER_IMAGES = dict(base_steps=120000, base_batch_size=128, ngf=64, ch=64, num_blocks=3,
                      langevin_steps=60, sample_steps=100, batch_size=128, fid_samples=10000,
                      glow_levels=2, glow_depth=16, glow_hidden=64)
@@ -67,8 +67,8 @@ def build_parser():
     p.set_defaults(log_every=20, ckpt_every=100)
     p.add_argument("--stage", default="all", choices=["all", "base", "ebm", "pixel"],
                    help="all: base then latent EBM in one folder; base / ebm: one stage each; pixel: the EBM-on-data "
-                        "baseline. --steps counts EBM steps (default: 1000 for a VAE, 200 for GLOW / GLF as in the "
-                        "paper, and on toys; pixel: 20000 with --preset paper, 200 otherwise)")
+                        "baseline. --steps counts EBM steps (default: 1000 for a VAE and on toys, 200 for GLOW / GLF "
+                        "as in the paper; pixel: 20000 with --preset paper, 200 otherwise)")
     p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"], help="base generative model")
     p.add_argument("--base-ckpt", default=None,
                    help="--stage ebm: the frozen base's checkpoint (default runs/latent_tilt-DATASET-BASE/"
@@ -756,7 +756,8 @@ def main():
     state = None
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "latent_tilt", args,
-                                       must_match=("dataset", "stage") + BASE_ARCH + EBM_ARCH)
+                                       must_match=("dataset", "stage") + BASE_ARCH + EBM_ARCH
+                                       + (("input_scale",) if data is None else ()), missing={"input_scale": 1.0})
         common.set_rng_state(state["rng"])
     for m in (G, E):
         if m is not None:

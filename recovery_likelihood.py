@@ -550,7 +550,8 @@ def main():
     step = 0
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
-                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "hidden", "sn"))
+                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "hidden", "sn"),
+                                       missing={"sn": True})  # --sn came later; spectral norm was always on
         common.load_state(model, state["model"], "model")
         common.load_state(ema, state["ema"], "EMA model")
         common.load_state(opt, state["opt"], "optimiser")

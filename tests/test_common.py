@@ -502,6 +502,14 @@ def test_corrupt_foreign_and_mismatched_checkpoints_give_one_line_errors(tmp_pat
     common.save_checkpoint(tmp_path / "c.pt", {"script": "demo", "args": {"ch": 8}})
     with pytest.raises(common.UserError, match="--ch 8"):
         common.load_checkpoint(tmp_path / "c.pt", "demo", argparse.Namespace(ch=16), must_match=("ch",))
+    # a flag added after the checkpoint was written: `missing` says what it implicitly was
+    now = argparse.Namespace(ch=8, sn=True)
+    with pytest.raises(common.UserError, match="--sn None"):
+        common.load_checkpoint(tmp_path / "c.pt", "demo", now, must_match=("ch", "sn"))
+    assert common.load_checkpoint(tmp_path / "c.pt", "demo", now, must_match=("ch", "sn"), missing={"sn": True})
+    with pytest.raises(common.UserError, match="--sn True, not False"):
+        common.load_checkpoint(tmp_path / "c.pt", "demo", argparse.Namespace(ch=8, sn=False),
+                               must_match=("sn",), missing={"sn": True})
     with pytest.raises(common.UserError, match="does not fit"):
         common.load_state(nn.Linear(3, 3), nn.Linear(3, 2).state_dict())
 
