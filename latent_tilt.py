@@ -48,8 +48,9 @@ import common
 # Arguments
 # ======================================================================================
 
-BASE_ARCH = ("base", "nz", "ngf", "hidden", "glow_levels", "glow_depth", "glow_hidden",
+BASE_ARCH = ("base", "nz", "ngf", "hidden", "glow_levels", "glow_depth", "glow_hidden", "glow_scale_floor",
              "flow_couplings", "flow_hidden")
+OLD_CKPT = {"glow_scale_floor": 0.0, "input_scale": 1.0}  # what checkpoints older than these flags used
 EBM_ARCH = ("ch", "num_blocks", "hidden")
 _PAPER_IMAGES = dict(base_steps=120000, base_batch_size=128, ngf=64, ch=64, num_blocks=3,
                      langevin_steps=60, sample_steps=100, batch_size=128, fid_samples=10000,
@@ -85,6 +86,7 @@ def build_parser():
     p.add_argument("--glow-levels", type=int, default=2, help="GLOW levels (squeeze ... split); paper: 2, cifar10 3")
     p.add_argument("--glow-depth", type=int, default=4, help="GLOW flow steps per level (paper: 16, cifar10 32)")
     p.add_argument("--glow-hidden", type=int, default=32, help="GLOW coupling width (paper: 64, cifar10 256)")
+    p.add_argument("--glow-scale-floor", type=float, default=0.01, help="coupling scales >= this (Glow: 0; README)")
     p.add_argument("--flow-couplings", type=int, default=4, help="GLF latent flow couplings (paper: 4)")
     p.add_argument("--flow-hidden", type=int, default=256, help="GLF coupling hidden units (paper: 256)")
     p.add_argument("--ch", type=int, default=16, help="energy net width (paper: 64 -> 3 blocks of 64, 3 of 128)")
@@ -128,7 +130,7 @@ def resolve_defaults(args):
                           "input_scale", "ngf", "hidden", "ch", "num_blocks", "recon_std", "buffer_size", "pixel_step",
                           "pixel_noise", "glow_levels", "glow_depth", "glow_hidden", "flow_couplings", "flow_hidden",
                           "stop_samples")
-    for name in ("alpha", "pixel_alpha", "base_steps", "eval_every", "patience"):
+    for name in ("alpha", "pixel_alpha", "base_steps", "eval_every", "patience", "glow_scale_floor"):
         if getattr(args, name) < 0 or not 0 <= args.reinit <= 1:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 and --reinit in [0, 1]")
     if toy and (args.base != "vae" or args.stage == "pixel"):
@@ -308,22 +310,22 @@ class InvConv(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """x_b <- (x_b + t(x_a)) * s, s = 0.01 + 0.99 sigmoid(h(x_a) + 2) (Glow's code, plus our
-    floor on s: without it the inverse's gain 1 / s is unbounded, and latent Langevin chains
+    """x_b <- (x_b + t(x_a)) * s, s = floor + (1 - floor) sigmoid(h(x_a) + 2) (Glow's code: floor 0;
+    ours 0.01: without it the inverse's gain 1 / s is unbounded, and latent Langevin chains
     through an undertrained GLOW reached NaN within 10 steps); the coupling net is
     conv3x3 - ReLU - conv1x1 - ReLU - zero-initialised conv3x3 (the paper's 3-layer Highway
     net is replaced by this plain 3-layer net)."""
 
-    def __init__(self, c, hidden):
+    def __init__(self, c, hidden, floor):
         super().__init__()
-        self.h = c // 2
+        self.h, self.floor = c // 2, floor
         self.net = nn.Sequential(nn.Conv2d(self.h, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1),
                                  nn.ReLU(), nn.Conv2d(hidden, 2 * (c - self.h), 3, padding=1))
         nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)
 
     def _shift_scale(self, xa):
         t, h = self.net(xa).chunk(2, 1)
-        return t, 0.01 + 0.99 * torch.sigmoid(h + 2.0)
+        return t, self.floor + (1 - self.floor) * torch.sigmoid(h + 2.0)
 
     def forward(self, x):
         xa, xb = x[:, :self.h], x[:, self.h:]
@@ -341,14 +343,14 @@ class Glow(nn.Module):
     then (except at the last level) half the channels leave as latents. All latents are
     N(0, I) (no learned split prior), concatenated into one flat z [B, C H W]."""
 
-    def __init__(self, shape, levels, depth, hidden):
+    def __init__(self, shape, levels, depth, hidden, floor=0.01):
         super().__init__()
         c, h, w = shape
         self.levels, self.z_shapes = nn.ModuleList(), []
         for i in range(levels):
             c, h, w = 4 * c, h // 2, w // 2
             self.levels.append(nn.ModuleList([m for _ in range(depth)
-                                              for m in (ActNorm(c), InvConv(c), AffineCoupling(c, hidden))]))
+                                              for m in (ActNorm(c), InvConv(c), AffineCoupling(c, hidden, floor))]))
             if i < levels - 1:
                 self.z_shapes.append((c // 2, h, w))
                 c -= c // 2
@@ -409,7 +411,7 @@ def build_base(args, in_ch):
     recon = "mse" if in_ch == 3 else "bce"
     if args.base == "glow":
         s = image_size(args)
-        return Glow((in_ch, s, s), args.glow_levels, args.glow_depth, args.glow_hidden)
+        return Glow((in_ch, s, s), args.glow_levels, args.glow_depth, args.glow_hidden, args.glow_scale_floor)
     dec = common.dcgan_generator(args.nz, in_ch, args.ngf, 32, norm=True)[:-1]  # pre-tanh: BCE from logits
     if args.base == "vae":
         return VAE(common.dcgan_encoder(2 * args.nz, in_ch, args.ngf, 32, norm="batch"), dec, recon)
@@ -738,7 +740,7 @@ def main():
         source = own if (args.resume or args.eval_only) and own.exists() else Path(args.base_ckpt)
         if not source.exists():
             raise common.UserError(f"no base checkpoint at {source}: run --stage base first, or pass --base-ckpt")
-        base_state = common.load_checkpoint(source, "latent_tilt", args, must_match=("dataset",))
+        base_state = common.load_checkpoint(source, "latent_tilt", args, must_match=("dataset",), missing=OLD_CKPT)
         if base_state["phase"] == "base" and base_state["step"] < base_state["args"]["base_steps"]:
             raise common.UserError(f"{source} holds an unfinished base (step {base_state['step']}): "
                                    "finish it with --stage base --resume")
@@ -757,7 +759,7 @@ def main():
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "latent_tilt", args,
                                        must_match=("dataset", "stage") + BASE_ARCH + EBM_ARCH
-                                       + (("input_scale",) if data is None else ()), missing={"input_scale": 1.0})
+                                       + (("input_scale",) if data is None else ()), missing=OLD_CKPT)
         common.set_rng_state(state["rng"])
     for m in (G, E):
         if m is not None:
