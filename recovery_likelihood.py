@@ -323,7 +323,8 @@ def diagnostics(loss, diag, T, grad_norm):
 
 
 def learning_rate(args, step):
-    """Linear warm-up (authors' code), then constant (paper) or a cosine decay to 0 (ours, toys)."""
+    """Linear warm-up (authors' code), then constant (paper, --preset paper) or a cosine
+    decay to 0 (ours, the default)."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup)
     if args.lr_decay == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / max(args.steps, 1)))
