@@ -1043,6 +1043,16 @@ def broadcast_params(module):
             dist.broadcast(t.data, 0)
 
 
+def mean_over_ranks(x):
+    """A scalar tensor averaged over the ranks, as a float (every rank gets the same number,
+    so a decision taken on it, such as stopping, is taken by all of them)."""
+    if dist.is_initialized():
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x.item()
+
+
 def average_gradients(params):
     """Data parallelism: all-reduce (mean) the .grad of params across ranks in one call.
 

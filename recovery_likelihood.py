@@ -31,7 +31,8 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
-    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~45 CPU-minutes
+    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~25 min on 2 cores; may run
+  away near step 800 (stopped with a message; README, Stability)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -322,6 +323,16 @@ def diagnostics(loss, diag, T, grad_norm):
     return row
 
 
+def check_runaway(step, loss, limit=1e3):
+    """Stop a run whose loss (a weighted mean energy gap, O(1) while training is healthy) has
+    run away: the sampler's chains no longer reach the model's modes and the energies grow
+    without bound. NaN is caught by common.check_finite; this catches the finite blow-up."""
+    if abs(loss) > limit:
+        raise common.Diverged(f"training diverged at step {step} (|loss| = {abs(loss):.3g} > {limit:g}: the samples' "
+                              "energies ran away from the data's); the last good checkpoint is kept. Lower --lr and "
+                              "--resume")
+
+
 def learning_rate(args, step):
     """Linear warm-up (authors' code), then constant (paper, --preset paper) or a cosine
     decay to 0 (ours, the default)."""
@@ -586,6 +597,7 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step)
             loss, diag = training_step(model, x, sch, args.n_steps)
+            check_runaway(step, common.mean_over_ranks(loss))  # every step: no checkpoint holds a runaway model
             opt.zero_grad(set_to_none=True)
             loss.backward()
             common.average_gradients(params)

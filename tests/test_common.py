@@ -579,8 +579,9 @@ DDP_WORKER = textwrap.dedent("""
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     out = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(out, flat)
+    mean = common.mean_over_ranks(torch.tensor(float(rank + 1)))  # (1 + 2) / 2 on both ranks
     if rank == 0:
-        torch.save({"params": out, "state": model.state_dict()}, sys.argv[1])
+        torch.save({"params": out, "state": model.state_dict(), "mean": mean}, sys.argv[1])
     torch.save(torch.stack(seen), sys.argv[1] + f".rank{rank}")
     dist.barrier()  # both files written before either rank tears gloo down
     dist.destroy_process_group()
@@ -596,6 +597,7 @@ def test_two_process_gloo_step_keeps_replicas_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = torch.load(tmp_path / "res.pt", weights_only=True)
     torch.testing.assert_close(res["params"][0], res["params"][1], rtol=0, atol=0)
+    assert res["mean"] == 1.5 and common.mean_over_ranks(torch.tensor(2.0)) == 2.0
     # The ranks read disjoint halves of each global batch; together, the same full-batch
     # gradient step a single process takes.
     seen = [torch.load(tmp_path / f"res.pt.rank{r}", weights_only=True) for r in (0, 1)]
