@@ -81,7 +81,7 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
                    help="lr after warm-up (paper and --preset paper: none; default cosine to 0: on toys the level-0 "
-                        "mode weights wander with the lr, on images a constant 1e-3 spiked after ~1300 steps)")
+                        "mode weights wander with the lr; on images neither is stable past ~800 steps yet, README)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
@@ -329,8 +329,8 @@ def check_runaway(step, loss, limit=1e3):
     without bound. NaN is caught by common.check_finite; this catches the finite blow-up."""
     if abs(loss) > limit:
         raise common.Diverged(f"training diverged at step {step} (|loss| = {abs(loss):.3g} > {limit:g}: the samples' "
-                              "energies ran away from the data's); the last good checkpoint is kept. Lower --lr and "
-                              "--resume")
+                              "energies ran away from the data's); checkpoints written so far are from before it. "
+                              "Lower --lr and --resume")
 
 
 def learning_rate(args, step):
@@ -597,7 +597,6 @@ def main():
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step)
             loss, diag = training_step(model, x, sch, args.n_steps)
-            check_runaway(step, common.mean_over_ranks(loss))  # every step: no checkpoint holds a runaway model
             opt.zero_grad(set_to_none=True)
             loss.backward()
             common.average_gradients(params)
@@ -607,12 +606,16 @@ def main():
             common.ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
             step += 1
             logger.update()
-            if step % args.log_every == 0 or step == args.steps:
+            log_due = step % args.log_every == 0 or step == args.steps
+            save_due = step % args.ckpt_every == 0 or step == args.steps
+            if log_due or save_due:  # before any checkpoint could store a runaway model
+                check_runaway(step, common.mean_over_ranks(loss))
+            if log_due:
                 gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None)).item()
                 row = diagnostics(loss, diag, args.T, gnorm)
                 common.check_finite(step, "--lr, --b-square or --step-cap", loss=row["loss"], grad_norm=gnorm)
                 logger.log(step, args.batch_size, **row)
-            if step % args.ckpt_every == 0 or step == args.steps:
+            if save_due:
                 # pictures first: the checkpoint then holds the RNG state the next step uses
                 save_pictures(ema, args, sch, device, out, f"samples_{step}.png", shape, toy)
                 save()
