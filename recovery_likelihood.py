@@ -16,6 +16,8 @@ conditioning for toys. The paper text we have is partial, so equations are label
                        y_t = a_{t+1} x_t  (top level t = T-1: a = 1 and no Gaussian term)
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
                        s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md; inactive for images)
+  (R3') drift cap      ours, images: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
+                       c = 0.1 (--drift-cap), ~3x a healthy chain's; it stops the level-0 runaway (README)
   (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
   (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
   (R6) log Z by AIS    log Z_0 = log Z_T + log mean_i exp(log w_i),
@@ -31,8 +33,8 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
-    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~25 min on 2 cores; may run
-  away near step 800 (stopped with a message; README, Stability)
+    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~26 min on 2 cores
+  expect FID ~200 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -53,11 +55,11 @@ import common
 
 PRESETS = {  # the paper / authors' code; `steps` is our choice (not in the text we have)
     "cifar10": dict(ch=128, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, lr=1e-4, beta1=0.9,
-                    warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none"),
+                    warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0),
     "celeba": dict(ch=128, ch_mult="1,2,2,2,4", num_blocks=2, batch_size=128, lr=1e-4, beta1=0.5,
-                   warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none"),
+                   warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0),
     "lsun_church": dict(ch=128, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, lr=1e-4, beta1=0.5,
-                        warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none"),
+                        warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0),
 }
 PRESETS["lsun_bedroom"] = PRESETS["lsun_church"]
 
@@ -73,6 +75,9 @@ def get_args(argv=None):
     p.add_argument("--step-cap", type=float, default=0.3,
                    help="cap s_t <= cap * sigma_{t+1} (not in the paper; inactive at b^2 = 2e-4; "
                         "without it the top levels diverge on toys)")
+    p.add_argument("--drift-cap", type=float, default=None,
+                   help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
+                        "default 0.1 on images, where it stops runaways (README, Stability); 0: off, toys and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (paper 1e-4, --preset paper; default 1e-3 images for short runs, "
@@ -81,7 +86,7 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
                    help="lr after warm-up (paper and --preset paper: none; default cosine to 0: on toys the level-0 "
-                        "mode weights wander with the lr; on images neither is stable past ~800 steps yet, README)")
+                        "mode weights wander with the lr; on images both last 1000 steps only with --drift-cap, README)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
@@ -106,15 +111,15 @@ def get_args(argv=None):
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
     defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4 if toy else 1e-3,
-                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine",
+                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine", drift_cap=0.0 if toy else 0.1,
                     ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     common.check_positive(args, "T", "n_steps", "b_square", "step_cap", "lr", "warmup", "batch_size",
                           "ais_particles", "ais_steps", "test_points", "eval_samples")
-    if not 0 <= args.ema < 1 or not 0 < args.sample_noise:
-        raise common.UserError("--ema must be in [0, 1) and --sample-noise positive")
+    if not 0 <= args.ema < 1 or not 0 < args.sample_noise or args.drift_cap < 0:
+        raise common.UserError("--ema must be in [0, 1), --sample-noise positive and --drift-cap >= 0")
     if not 2 <= args.T <= 1000:
         raise common.UserError(f"--T must be in 2..1000 (got {args.T})")
     if args.long_run < 0:
@@ -161,7 +166,7 @@ def diffusion_schedule(T):
     return {"a": a, "sigma": sigma, "abar": abar, "sigmabar": sigmabar}
 
 
-def make_schedule(T, b_square, step_cap, device="cpu"):
+def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0):
     """diffusion_schedule plus what the sampler needs, as float32 on `device`:
     a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top), recovery[t+1] (0 at the top:
     no Gaussian term), s[t] the Langevin step of level t (R3, with the cap)."""
@@ -174,7 +179,8 @@ def make_schedule(T, b_square, step_cap, device="cpu"):
     s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
     sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt(), T=torch.tensor(T))
-    return {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
+    sch = {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
+    return dict(sch, drift_cap=drift_cap)
 
 
 def q_sample_pairs(x, t, sch):
@@ -264,7 +270,10 @@ def training_step(f, x, sch, n_steps):
 def recovery_sample(f, start, x_next, t, sch, n_steps, noise_scale, trace=False, keep_every=0):
     """K Langevin steps on (R2) from `start`, per-chain step s_t, no MH (authors' code). Returns y."""
     log_p = recovery_log_p(f, x_next, t, sch)
-    return common.langevin(log_p, start, n_steps, sch["s"][t], noise_scale=noise_scale,
+    s, clip = sch["s"][t], None
+    if sch["drift_cap"] > 0:  # ours: each step's drift (s^2/2) grad log p has norm <= cap sigma_{t+1} sqrt(D)
+        clip = 2 * sch["drift_cap"] * sch["sigma"][t + 1] * math.sqrt(start[0].numel()) / s ** 2
+    return common.langevin(log_p, start, n_steps, s, noise_scale=noise_scale, grad_clip=clip,
                            trace=trace, keep_every=keep_every)
 
 
@@ -557,7 +566,7 @@ def main():
     device = common.pick_device(args.device)
     model.to(device), ema.to(device)
     out = common.prepare_out_dir(args, "recovery_likelihood")
-    sch = make_schedule(args.T, args.b_square, args.step_cap, device)
+    sch = make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap)
     batches = None if toy else common.Batches(train, args.batch_size // world, seed=args.seed)
     step = 0
     if args.resume or args.eval_only:

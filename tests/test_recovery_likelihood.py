@@ -81,6 +81,26 @@ def test_recovery_sampler_draws_exact_gaussian_conditional(level):
     assert y.var(0).numpy() == pytest.approx([c_ula.item()] * 2, rel=0.03)  # SE of a variance: 1%
 
 
+def test_drift_cap():
+    """A steep linear energy moves each chain exactly cap * sigma_{t+1} * sqrt(D) per step (noise
+    off); a gentle one (drift below the cap) gives the same chain bit for bit as no cap."""
+    torch.manual_seed(0)
+    capped, free = rl.make_schedule(6, 2e-4, 0.3, drift_cap=0.1), rl.make_schedule(6, 2e-4, 0.3)
+    for level in (0, 5):
+        t = torch.full((4,), level)
+        start, x_next = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+        steep = lambda y, t: 1e3 * y.flatten(1).sum(1)  # noqa: E731
+        y = rl.recovery_sample(steep, start, start if level == 5 else x_next, t, capped, 10, 0.0)
+        expect = 10 * 0.1 * capped["sigma"][level + 1].item() * 8  # sqrt(D) = 8
+        assert (y - start).flatten(1).norm(dim=1).numpy() == pytest.approx([expect] * 4, rel=1e-4)
+        gentle = lambda y, t: 1e-6 * y.flatten(1).sum(1)  # noqa: E731
+        torch.manual_seed(1)
+        a = rl.recovery_sample(gentle, start, x_next, t, capped, 10, 1.0)
+        torch.manual_seed(1)
+        b = rl.recovery_sample(gentle, start, x_next, t, free, 10, 1.0)
+        assert torch.equal(a, b)
+
+
 def test_true_density_of_x0():
     x = common.toy_sample("8gaussians", 500)
     assert torch.allclose(rl.true_log_prob_x0("8gaussians", x, 0.0), common.toy_log_prob("8gaussians", x))
@@ -215,7 +235,7 @@ def test_smoke_files_resume_and_eval_only(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
-@pytest.mark.parametrize("argv,words", [(["--b-square", "-1"], "--b-square"),
+@pytest.mark.parametrize("argv,words", [(["--b-square", "-1"], "--b-square"), (["--drift-cap", "-1"], "--drift-cap"),
                                         (["--dataset", "cifar10", "--data-dir", "nowhere"], "cifar")])
 def test_one_line_errors(tmp_path, argv, words):
     r = run(tmp_path, "--steps", "1", *argv, check=False)
