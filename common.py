@@ -1138,7 +1138,7 @@ def save_checkpoint(path, state):
         return
     bad = _non_finite(state)
     if bad:  # never replace the last good checkpoint with a diverged one
-        raise Diverged(f"not saving a checkpoint with non-finite values in {bad}; the last good checkpoint "
+        raise Diverged(f"not saving a checkpoint with non-finite values in {bad}; any earlier checkpoint "
                        "is kept. Lower the learning rate or the Langevin step size and --resume")
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
@@ -1203,8 +1203,8 @@ def check_finite(step, knobs, **values):
     """Raise Diverged naming the non-finite quantities and the knobs to turn."""
     bad = [k for k, v in values.items() if not math.isfinite(float(v))]
     if bad:
-        raise Diverged(f"training diverged at step {step} ({', '.join(bad)} not finite); the last "
-                       f"good checkpoint is kept. Lower {knobs} and --resume")
+        raise Diverged(f"training diverged at step {step} ({', '.join(bad)} not finite); checkpoints "
+                       f"written so far are from before it. Lower {knobs} and --resume")
 
 
 class StopFlag:
