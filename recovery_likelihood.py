@@ -17,7 +17,7 @@ conditioning for toys. The paper text we have is partial, so equations are label
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
                        s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md; inactive for images)
   (R3') drift cap      ours, images: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
-                       c = 0.1 (--drift-cap), ~3x a healthy chain's; it stops the level-0 runaway (README)
+                       c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (README)
   (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
   (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
   (R6) log Z by AIS    log Z_0 = log Z_T + log mean_i exp(log w_i),
@@ -77,7 +77,7 @@ def get_args(argv=None):
                         "without it the top levels diverge on toys)")
     p.add_argument("--drift-cap", type=float, default=None,
                    help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
-                        "default 0.1 on images, where it stops runaways (README, Stability); 0: off, toys and paper)")
+                        "default 0.1 on images, where it bounds runaways (README, Stability); 0: off, toys and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (paper 1e-4, --preset paper; default 1e-3 images for short runs, "
@@ -86,7 +86,7 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
                    help="lr after warm-up (paper and --preset paper: none; default cosine to 0: on toys the level-0 "
-                        "mode weights wander with the lr; on images both last 1000 steps only with --drift-cap, README)")
+                        "mode weights wander with the lr; on images cosine without --drift-cap ran away, README)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
