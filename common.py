@@ -1269,12 +1269,16 @@ def write_metrics(out, metrics):
 
 
 def main_guard(main):
-    """Run main(); a UserError becomes one line on stderr and exit status 2."""
+    """Run main(); a UserError becomes one line on stderr and exit status 2, an abort (a
+    second Ctrl-C, or one before StopFlag is set up) one line and status 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\naborted: checkpoints already written are intact (--resume continues from the last)", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -34,7 +34,7 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
     python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~26 min on 2 cores
-  expect FID ~200 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
+  expect FID 180-220 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -80,8 +80,8 @@ def get_args(argv=None):
                         "default 0.1 on images, where it bounds runaways (README, Stability); 0: off, toys and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (paper 1e-4, --preset paper; default 1e-3 images for short runs, "
-                        "5e-4 toys: higher lets the level-0 mode weights wander)")
+                   help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4 for short runs: higher lets "
+                        "the toys' level-0 mode weights wander and ran away at level 0 on images, README)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
@@ -110,7 +110,7 @@ def get_args(argv=None):
                         "save their stages and energies (paper: long-run chains stay realistic)")
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
-    defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4 if toy else 1e-3,
+    defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4,
                     warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine", drift_cap=0.0 if toy else 0.1,
                     ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
     for key, value in defaults.items():

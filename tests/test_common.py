@@ -482,6 +482,15 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
 
 
+def test_an_abort_is_one_line_and_status_130(capsys):
+    def main():
+        raise KeyboardInterrupt  # what StopFlag raises on a second Ctrl-C
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(main)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and err.startswith("aborted") and "\n" not in err
+
+
 def test_a_diverged_state_is_never_saved(tmp_path):
     path = tmp_path / "checkpoint.pt"
     common.save_checkpoint(path, {"script": "demo", "step": 1, "model": {"w": torch.ones(3)}})
