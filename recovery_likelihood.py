@@ -80,7 +80,7 @@ def get_args(argv=None):
                         "default 0.1 on images, where it bounds runaways (README, Stability); 0: off, toys and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4 for short runs: higher lets "
+                   help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4 for short runs: higher let "
                         "the toys' level-0 mode weights wander and ran away at level 0 on images, README)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
