@@ -1221,7 +1221,8 @@ class StopFlag:
             raise KeyboardInterrupt
         self.requested = True
         if is_main():
-            print("\nstopping: saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+            print("\nstopping: training saves a checkpoint after this step and exits; an evaluation under "
+                  "way runs to its end (Ctrl-C again to abort)", file=sys.stderr)
 
 
 class Logger:
