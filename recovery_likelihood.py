@@ -80,10 +80,9 @@ def get_args(argv=None):
                         "default 0.1 on images, where it bounds runaways (README, Stability); 0: off, toys and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4 for runs of up to ~1000 steps: "
-                        "higher let the toys' level-0 mode weights wander and ran away at level 0 on images, "
-                        "as did 5e-4 over 2000 fashion steps and 2.5e-4 over 2500 (at step ~1650): a lower lr "
-                        "delays the runaway but has not prevented it, README, Stability)")
+                   help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4, for runs of ~1000 steps: "
+                        "higher lets the toys' mode weights wander; on images 1e-3, and longer runs at 5e-4 or "
+                        "2.5e-4, ran away at level 0: README, Stability)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],

@@ -255,7 +255,5 @@ def test_fashion_smoke(tmp_path):
 
 def test_runaway_check():
     rl.check_runaway(10, -3.27)  # the largest |loss| of a fashion run whose excursion recovered
-    with pytest.raises(common.Diverged, match="step 900.*--lr"):
-        rl.check_runaway(900, -268.0)  # the step-900 loss of a fashion run that ran away
-    with pytest.raises(common.Diverged, match="step 800"):
+    with pytest.raises(common.Diverged, match="step 800.*--lr"):
         rl.check_runaway(800, -5.81)  # the smallest first logged |loss| above 3.3 of a run that ran away
