@@ -249,7 +249,9 @@ class EnergyResNet(nn.Module):
     x [B, in_ch, H, W], t [B] integer levels (or None when time_embed=False).
     conv3x3 -> per level: num_blocks EnergyResBlocks (ch * ch_mult[i]), avg-pool between
     levels -> act -> spatial sum -> a linear head (time_embed=False) or an inner product
-    with a vector computed from the time embedding (time_embed=True; Gao et al. 2021).
+    with a vector computed from the time embedding (time_embed=True; Gao et al. 2021, whose
+    code applies the activation to the embedding before each projection of it and leaves
+    that last projection without spectral norm, so f can take a different scale per level).
     """
 
     def __init__(self, in_ch=3, ch=64, ch_mult=(1, 2), num_blocks=2, time_embed=False,
@@ -275,11 +277,13 @@ class EnergyResNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.act = act or nn.LeakyReLU(0.2)
         self.head = _glorot(nn.Linear(temb_dim if time_embed else cin, cin if time_embed else 1))
-        if sn:
+        if sn and not time_embed:
             spectral_norm(self.head)
 
     def forward(self, x, t=None):
-        temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype)) if self.temb is not None else None
+        temb = None
+        if self.temb is not None:
+            temb = self.act(self.temb(timestep_embedding(t, self.ch).to(x.dtype)))
         h = self.conv_in(x)
         for block in self.blocks:
             h = block(h, temb)
@@ -1180,8 +1184,8 @@ def load_state(module, state_dict, what="model"):
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"checkpoint's {what} does not fit this configuration ({first}): "
+        detail = " ".join(str(e).split())[:200]  # torch puts the keys on the lines after the first
+        raise UserError(f"checkpoint's {what} does not fit this configuration ({detail}): "
                         "use the flags it was trained with, or a new --out") from None
 
 

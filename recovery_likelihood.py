@@ -221,8 +221,8 @@ class EnergyMLP(nn.Module):
 
 def make_model(args, in_ch):
     """The energy network f(y, t): an MLP for 2-D toys, the authors' ResNet for images
-    (common.EnergyResNet: time embedding in every block, spectral norm, leaky-ReLU 0.2,
-    avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)."""
+    (common.EnergyResNet: time embedding in every block, spectral norm on all but the head,
+    leaky-ReLU 0.2, avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)."""
     if args.dataset in common.TOYS:
         return EnergyMLP(args.hidden, 3, args.input_scale)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))

@@ -160,6 +160,15 @@ def test_network_shapes():
     assert common.mlp([2, 16, 16, 1])(torch.randn(5, 2)).shape == (5, 1)
 
 
+def test_energy_resnet_spectral_norm_follows_the_authors():
+    """Gao et al.'s network.py normalises every conv and dense layer except the last
+    projection of the time embedding (the vector the pooled features are dotted with)."""
+    e = common.EnergyResNet(1, 8, (1, 2), 1, time_embed=True, sn=True)
+    layers = {n: m for n, m in e.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    free = {n for n, m in layers.items() if not nn.utils.parametrize.is_parametrized(m)}
+    assert free == {"head"} and len(layers) > 5
+
+
 def test_ema_update_is_a_convex_combination():
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)
     ema = common.make_ema(a)
@@ -519,8 +528,11 @@ def test_corrupt_foreign_and_mismatched_checkpoints_give_one_line_errors(tmp_pat
     with pytest.raises(common.UserError, match="--sn True, not False"):
         common.load_checkpoint(tmp_path / "c.pt", "demo", argparse.Namespace(ch=8, sn=False),
                                must_match=("sn",), missing={"sn": True})
-    with pytest.raises(common.UserError, match="does not fit"):
+    with pytest.raises(common.UserError, match="does not fit.*size mismatch for weight") as err:
         common.load_state(nn.Linear(3, 3), nn.Linear(3, 2).state_dict())
+    assert "\n" not in str(err.value)  # torch's message spans lines; the key is on the second
+    with pytest.raises(common.UserError, match="Unexpected key.*extra"):
+        common.load_state(nn.Linear(3, 3), {**nn.Linear(3, 3).state_dict(), "extra": torch.zeros(1)})
 
 
 def test_out_dir_rules(tmp_path):
