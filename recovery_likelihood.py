@@ -33,7 +33,7 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
-    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, ~26 min on 2 cores
+    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, 25-55 min on 2 cores (by machine)
   expect FID 180-220 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
@@ -335,7 +335,7 @@ def diagnostics(loss, diag, T, grad_norm):
 
 def check_runaway(step, loss, limit=5.0):
     """Stop a run whose loss (a weighted mean energy gap) has run away: the sampler's chains no
-    longer reach the model's modes and the energies grow. In our 29 logged fashion runs no run
+    longer reach the model's modes and the energies grow. In our 30 logged fashion runs no run
     that recovered ever logged |loss| above 3.3, and every run that went past 3.3 had run away,
     its first such value between 5.8 and 7e3 (one peaked at 94 and fell back to |loss| ~0 with a
     broken model, README). NaN is caught by common.check_finite; this catches the finite blow-up."""
