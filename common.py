@@ -255,7 +255,7 @@ class EnergyResNet(nn.Module):
     """
 
     def __init__(self, in_ch=3, ch=64, ch_mult=(1, 2), num_blocks=2, time_embed=False,
-                 sn=False, act=None):
+                 sn=False, act=None, final_act=None):
         super().__init__()
         self.ch = ch
         temb_dim = 4 * ch if time_embed else 0
@@ -276,6 +276,8 @@ class EnergyResNet(nn.Module):
                 cin = ch * m
         self.blocks = nn.ModuleList(blocks)
         self.act = act or nn.LeakyReLU(0.2)
+        # before the spatial sum: ReLU with a time embedding (Gao et al.'s code), else act
+        self.final_act = final_act or (nn.ReLU() if time_embed else self.act)
         self.head = _glorot(nn.Linear(temb_dim if time_embed else cin, cin if time_embed else 1))
         if sn and not time_embed:
             spectral_norm(self.head)
@@ -287,7 +289,7 @@ class EnergyResNet(nn.Module):
         h = self.conv_in(x)
         for block in self.blocks:
             h = block(h, temb)
-        h = F.relu(h).sum(dim=(2, 3)) if temb is not None else self.act(h).sum(dim=(2, 3))
+        h = self.final_act(h).sum(dim=(2, 3))
         if temb is not None:
             return (h * self.head(temb)).sum(1)
         return self.head(h).squeeze(1)

@@ -98,6 +98,8 @@ def get_args(argv=None):
     p.add_argument("--num-blocks", type=int, default=1, help="res blocks per resolution (paper 8 for CIFAR-10, 2 else)")
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
                    help="spectral norm on every layer of the ResNet (authors' code: on)")
+    p.add_argument("--act", default="lrelu", choices=["lrelu", "silu"],
+                   help="ResNet activation (authors' code: leaky-ReLU 0.2, ReLU before the sum; silu: SiLU in both)")
     p.add_argument("--hidden", type=int, default=128, help="toy MLP width (NOTES: 3 x 128 SiLU)")
     p.add_argument("--input-scale", type=float, default=4.0, help="toy MLP multiplies y by this (NOTES: ~4 needed)")
     p.add_argument("--eval-samples", type=int, default=2000, help="toys: samples for mmd / pictures")
@@ -226,6 +228,9 @@ def make_model(args, in_ch):
     if args.dataset in common.TOYS:
         return EnergyMLP(args.hidden, 3, args.input_scale)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
+    if args.act == "silu":
+        return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn,
+                                   act=nn.SiLU(), final_act=nn.SiLU())
     return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn)
 
 # ======================================================================================
@@ -335,7 +340,7 @@ def diagnostics(loss, diag, T, grad_norm):
 
 def check_runaway(step, loss, limit=5.0):
     """Stop a run whose loss (a weighted mean energy gap) has run away: the sampler's chains no
-    longer reach the model's modes and the energies grow. In our 30 logged fashion runs no run
+    longer reach the model's modes and the energies grow. In our 32 logged fashion runs no run
     that recovered ever logged |loss| above 3.3, and every run that went past 3.3 had run away,
     its first such value between 5.8 and 7e3 (one peaked at 94 and fell back to |loss| ~0 with a
     broken model, README). NaN is caught by common.check_finite; this catches the finite blow-up."""
@@ -575,8 +580,9 @@ def main():
     step = 0
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
-                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "hidden", "sn"),
-                                       missing={"sn": True})  # --sn came later; spectral norm was always on
+                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "act", "hidden",
+                                                   "sn"),
+                                       missing={"sn": True, "act": "lrelu"})  # flags that came later
         common.load_state(model, state["model"], "model")
         common.load_state(ema, state["ema"], "EMA model")
         common.load_state(opt, state["opt"], "optimiser")
