@@ -167,36 +167,19 @@ class ToyMLP(nn.Module):
         return self.net(torch.cat([x, common.timestep_embedding(t, self.temb_dim)], 1)).squeeze(-1)
 
 
-class ResNetEnergy(nn.Module):
-    """Model C's g(x, t) -> [B] on images: common.EnergyResNet's blocks and time-embedding
-    head (spatial sum, inner product with a vector from the time embedding), but with a
-    smooth SiLU before the sum where EnergyResNet applies ReLU: with ReLU, grad_x E jumps
-    wherever a unit crosses zero, so eps_hat would be discontinuous in x."""
-
-    def __init__(self, in_ch, ch, ch_mult, num_blocks):
-        super().__init__()
-        self.body = common.EnergyResNet(in_ch=in_ch, ch=ch, ch_mult=ch_mult, num_blocks=num_blocks,
-                                        time_embed=True, sn=False, act=nn.SiLU())
-
-    def forward(self, x, t):
-        b = self.body
-        temb = b.temb(common.timestep_embedding(t, b.ch))
-        h = b.conv_in(x)
-        for block in b.blocks:
-            h = block(h, temb)
-        return (b.act(h).sum(dim=(2, 3)) * b.head(temb)).sum(1)
-
-
 def build_net(name, args, shape):
     """f for A and B (the same network), g for C. shape: one example's shape."""
     if len(shape) == 1:
         return ToyMLP(1 if name == "C" else 2, args.ch, args.depth)
     ch_mult = tuple(int(m) for m in args.ch_mult.split(","))
     if name == "C":
-        # Classifier-style: no short-cut from x to the output. SiLU instead of the blocks'
-        # default leaky ReLU: a piecewise-linear E has a piecewise-constant gradient, i.e.
-        # eps_hat would not depend smoothly on x (our choice; the paper gives no details).
-        return ResNetEnergy(shape[0], args.ch, ch_mult, args.c_blocks)
+        # Classifier-style: no short-cut from x to the output (spatial sum, inner product
+        # with a vector from the time embedding). SiLU everywhere, also before the sum where
+        # EnergyResNet's default is ReLU: a piecewise-linear E has a piecewise-constant
+        # gradient, i.e. eps_hat would not depend smoothly on x (our choice; the paper gives
+        # no details).
+        return common.EnergyResNet(shape[0], args.ch, ch_mult, args.c_blocks, time_embed=True,
+                                   act=nn.SiLU(), final_act=nn.SiLU())
     attn = tuple(int(r) for r in args.attn_res.split(",") if r)
     return common.UNet(in_ch=shape[0], ch=args.ch, ch_mult=ch_mult, num_res_blocks=args.num_res_blocks,
                        attn_res=attn, dropout=args.dropout, resolution=shape[-1])
