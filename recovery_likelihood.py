@@ -228,10 +228,9 @@ def make_model(args, in_ch):
     if args.dataset in common.TOYS:
         return EnergyMLP(args.hidden, 3, args.input_scale)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
-    if args.act == "silu":
-        return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn,
-                                   act=nn.SiLU(), final_act=nn.SiLU())
-    return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn)
+    silu = nn.SiLU() if args.act == "silu" else None  # ours, --act silu: a smooth f (README, Deviations)
+    return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn,
+                               act=silu, final_act=silu)
 
 # ======================================================================================
 # Objective
@@ -580,8 +579,8 @@ def main():
     step = 0
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
-                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "act", "hidden",
-                                                   "sn"),
+                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "act",
+                                                   "hidden", "sn"),
                                        missing={"sn": True, "act": "lrelu"})  # flags that came later
         common.load_state(model, state["model"], "model")
         common.load_state(ema, state["ema"], "EMA model")

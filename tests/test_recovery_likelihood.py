@@ -196,12 +196,11 @@ def test_resnet_energy_shapes_and_gradient():
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
-
 @pytest.mark.parametrize("act", ["lrelu", "silu"])
 def test_resnet_activation_sets_curvature(act):
     """With leaky-ReLU (authors' code) f is piecewise linear in y, so its Hessian is 0 almost
-    everywhere and grad f is piecewise constant; SiLU gives a smooth f with curvature. The
-    Hessian-vector product (double backprop) is checked against finite differences of grad f."""
+    everywhere and grad f is piecewise constant; SiLU gives a smooth f with curvature, whose
+    Hessian-vector product (double backprop) must match finite differences of grad f."""
     torch.manual_seed(0)
     net = rl.make_model(rl.get_args(["--dataset", "fashion", "--ch", "8", "--ch-mult", "1,2", "--act", act]), 1)
     net.eval()  # freeze the spectral-norm power iteration: f must be the same function at y and y + h v
@@ -220,6 +219,7 @@ def test_resnet_activation_sets_curvature(act):
     else:
         assert hvp.norm() > 1e-3 * grad.norm()
         assert torch.allclose(hvp, fd, rtol=1e-4, atol=1e-6 * hvp.abs().max().item())
+
 
 def run(tmp_path, *argv, check=True):
     r = subprocess.run([sys.executable, SCRIPT, *argv], cwd=tmp_path, capture_output=True, text=True,
