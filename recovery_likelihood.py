@@ -15,7 +15,9 @@ conditioning for toys. The paper text we have is partial, so equations are label
   (R2) recovery model  p(y_t | x_{t+1}) ~ exp( f(y_t, t) / s_t^2 - ||y_t - x_{t+1}||^2 / (2 sigma_{t+1}^2) ),
                        y_t = a_{t+1} x_t  (top level t = T-1: a = 1 and no Gaussian term)
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
-                       s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md; inactive for images)
+                       s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md), and on images floored at
+                       s_t >= 0.3 sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps 30
+                       steps of even the exact chain cover under half of p(y_t | x_{t+1}); README)
   (R3') drift cap      ours, images: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
                        c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (README)
   (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
@@ -34,7 +36,7 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
     python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, 25-55 min on 2 cores (by machine)
-  expect FID 180-220 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
+  expect FID 170-210 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -55,11 +57,11 @@ import common
 
 PRESETS = {  # the paper / authors' code; `steps` is our choice (not in the text we have)
     "cifar10": dict(ch=128, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, lr=1e-4, beta1=0.9,
-                    warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0),
+                    warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0, step_floor=0.0),
     "celeba": dict(ch=128, ch_mult="1,2,2,2,4", num_blocks=2, batch_size=128, lr=1e-4, beta1=0.5,
-                   warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0),
+                   warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0, step_floor=0.0),
     "lsun_church": dict(ch=128, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, lr=1e-4, beta1=0.5,
-                        warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0),
+                        warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0, step_floor=0.0),
 }
 PRESETS["lsun_bedroom"] = PRESETS["lsun_church"]
 
@@ -75,6 +77,9 @@ def get_args(argv=None):
     p.add_argument("--step-cap", type=float, default=0.3,
                    help="cap s_t <= cap * sigma_{t+1} (not in the paper; inactive at b^2 = 2e-4; "
                         "without it the top levels diverge on toys)")
+    p.add_argument("--step-floor", type=float, default=None,
+                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1 (not in the paper; default 0.3 on images, "
+                        "where the rule's steps leave 30-step chains short of p(y_t | x_{t+1}), README; 0: off, toys and paper)")
     p.add_argument("--drift-cap", type=float, default=None,
                    help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
                         "default 0.1 on images, where it bounds runaways (README, Stability); 0: off, toys and paper)")
@@ -114,15 +119,15 @@ def get_args(argv=None):
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
     defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4,
-                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine", drift_cap=0.0 if toy else 0.1,
+                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine", drift_cap=0.0 if toy else 0.1, step_floor=0.0 if toy else 0.3,
                     ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     common.check_positive(args, "T", "n_steps", "b_square", "step_cap", "lr", "warmup", "batch_size",
                           "ais_particles", "ais_steps", "test_points", "eval_samples")
-    if not 0 <= args.ema < 1 or not 0 < args.sample_noise or args.drift_cap < 0:
-        raise common.UserError("--ema must be in [0, 1), --sample-noise positive and --drift-cap >= 0")
+    if not 0 <= args.ema < 1 or not 0 < args.sample_noise or args.drift_cap < 0 or args.step_floor < 0:
+        raise common.UserError("--ema must be in [0, 1), --sample-noise positive, --drift-cap and --step-floor >= 0")
     if not 2 <= args.T <= 1000:
         raise common.UserError(f"--T must be in 2..1000 (got {args.T})")
     if args.long_run < 0:
@@ -169,10 +174,10 @@ def diffusion_schedule(T):
     return {"a": a, "sigma": sigma, "abar": abar, "sigmabar": sigmabar}
 
 
-def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0):
+def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor=0.0):
     """diffusion_schedule plus what the sampler needs, as float32 on `device`:
     a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top), recovery[t+1] (0 at the top:
-    no Gaussian term), s[t] the Langevin step of level t (R3, with the cap)."""
+    no Gaussian term), s[t] the Langevin step of level t (R3, with the floor and the cap)."""
     sch = diffusion_schedule(T)
     a_prev = sch["a"].clone()
     a_prev[T] = 1.0  # top level: marginal EBM of x_{T-1} itself
@@ -180,6 +185,8 @@ def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0):
     recovery[T] = 0.0
     t = torch.arange(T)
     s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
+    floor = torch.where(t >= 1, step_floor ** 2 * sch["sigma"][t + 1] ** 2, torch.zeros(T, dtype=torch.float64))
+    s2 = torch.maximum(s2, floor)  # our floor above level 0 (images: 30 steps reach p(y_t | x_{t+1}), README)
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
     sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt(), T=torch.tensor(T))
     sch = {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
@@ -339,7 +346,7 @@ def diagnostics(loss, diag, T, grad_norm):
 
 def check_runaway(step, loss, limit=5.0):
     """Stop a run whose loss (a weighted mean energy gap) has run away: the sampler's chains no
-    longer reach the model's modes and the energies grow. In our 32 logged fashion runs no run
+    longer reach the model's modes and the energies grow. In our 34 logged fashion runs no run
     that recovered ever logged |loss| above 3.3, and every run that went past 3.3 had run away,
     its first such value between 5.8 and 7e3 (one peaked at 94 and fell back to |loss| ~0 with a
     broken model, README). NaN is caught by common.check_finite; this catches the finite blow-up."""
@@ -574,14 +581,14 @@ def main():
     device = common.pick_device(args.device)
     model.to(device), ema.to(device)
     out = common.prepare_out_dir(args, "recovery_likelihood")
-    sch = make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap)
+    sch = make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap, args.step_floor)
     batches = None if toy else common.Batches(train, args.batch_size // world, seed=args.seed)
     step = 0
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
                                        must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "act",
-                                                   "hidden", "sn"),
-                                       missing={"sn": True, "act": "lrelu"})  # flags that came later
+                                                   "hidden", "sn", "b_square", "step_floor"),
+                                       missing={"sn": True, "act": "lrelu", "step_floor": 0.0})  # flags that came later
         common.load_state(model, state["model"], "model")
         common.load_state(ema, state["ema"], "EMA model")
         common.load_state(opt, state["opt"], "optimiser")

@@ -137,7 +137,7 @@ def bench_recovery(device, quick):
         torch.manual_seed(0)
         in_ch = 1 if args.dataset == "fashion" else 3
         f = rl.make_model(args, in_ch).to(device)
-        sch = rl.make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap)
+        sch = rl.make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap, args.step_floor)
         x = torch.randn(batch, in_ch, 32, 32, device=device)
         k = args.n_steps
 
@@ -259,7 +259,7 @@ STEP_MEMORY = {
     "recovery_likelihood (fashion)": """
 import recovery_likelihood as rl, torch
 a = rl.get_args(["--dataset", "fashion"]); f = rl.make_model(a, 1)
-s = rl.make_schedule(a.T, a.b_square, a.step_cap, drift_cap=a.drift_cap); x = torch.randn(a.batch_size, 1, 32, 32)
+s = rl.make_schedule(a.T, a.b_square, a.step_cap, drift_cap=a.drift_cap, step_floor=a.step_floor); x = torch.randn(a.batch_size, 1, 32, 32)
 def step(): rl.training_step(f, x, s, a.n_steps)[0].backward()""",
     "energy_vs_score B (fashion)": """
 import energy_vs_score as evs, torch

@@ -46,6 +46,8 @@ def test_step_size_rule():
     capped = rl.make_schedule(6, 3e-2, 0.3)
     assert (capped["s"] <= 0.3 * capped["sigma"][1:] + 1e-7).all()
     assert capped["a_prev"][6] == 1 and capped["recovery"][6] == 0
+    floored = rl.make_schedule(6, 2e-4, 0.3, step_floor=0.3)  # the image default: 0.3 sigma_{t+1} above level 0
+    assert floored["s"][0] == sch["s"][0] and torch.allclose(floored["s"][1:], 0.3 * floored["sigma"][2:])
 
 
 @pytest.mark.parametrize("level", [0, 2, 5])
@@ -79,6 +81,34 @@ def test_recovery_sampler_draws_exact_gaussian_conditional(level):
     c_ula = c / (1 - s2 / (4 * c))
     assert torch.allclose(y.mean(0), m[0], atol=4 * math.sqrt(c_ula / n))
     assert y.var(0).numpy() == pytest.approx([c_ula.item()] * 2, rel=0.03)  # SE of a variance: 1%
+
+
+@pytest.mark.parametrize("step_floor", [0.0, 0.3])
+def test_thirty_steps_reach_the_gaussian_conditional(step_floor):
+    """Exact draws y_t ~ p(y_t | x_{t+1}) lie at E||y_t - x_{t+1}||^2 = D sigma_{t+1}^2 (as the
+    data's y+ do). With data N(0, v I) and the exact f plugged in, the K-step chain from x_{t+1}
+    is a linear AR(1) recursion y <- alpha y + beta x_{t+1} + s e, alpha = 1 - s^2 P / 2 (P the
+    conditional precision), beta = s^2 / (2 sigma^2), so y_K - x_{t+1} = c x_{t+1} + noise with
+    c = alpha^K - 1 + beta (1 - alpha^K) / (1 - alpha) and noise variance s^2 (1 - alpha^2K) / (1 - alpha^2).
+    The sampler must match that closed form. At the paper's steps (b^2 = 2e-4) 30 steps cover
+    less than half of sigma^2 at levels 1-4, so a learned f must make up the rest; with the
+    images' floor s_t = 0.3 sigma_{t+1} they cover more than 90%."""
+    torch.manual_seed(0)
+    sch, v, n, d, k = rl.make_schedule(6, 2e-4, 0.3, step_floor=step_floor), 0.3, 4000, 16, 30
+    for level in range(1, 5):
+        a, sig2, s2 = sch["a_prev"][level + 1], sch["sigma"][level + 1] ** 2, sch["s"][level] ** 2
+        v_y = a ** 2 * (sch["abar"][level] ** 2 * v + sch["sigmabar"][level] ** 2)  # level-t marginal of y
+
+        def f(y, t):  # exact level energy, times s_t^2 because the sampler divides by it
+            return s2 * (-(y ** 2).sum(1) / (2 * v_y))
+        x_next = (v_y + sig2).sqrt() * torch.randn(n, d)
+        y = rl.recovery_sample(f, x_next, x_next, torch.full((n,), level), sch, k, 1.0)
+        reach = (((y - x_next) ** 2).mean() / sig2).item()
+        alpha, beta = 1 - s2.double() * (1 / v_y.double() + 1 / sig2.double()) / 2, s2.double() / (2 * sig2.double())
+        c = alpha ** k - 1 + beta * (1 - alpha ** k) / (1 - alpha)
+        exact = ((c ** 2 * (v_y + sig2) + s2 * (1 - alpha ** (2 * k)) / (1 - alpha ** 2)) / sig2).item()
+        assert reach == pytest.approx(exact, rel=0.03)  # MC standard error ~0.5%
+        assert exact < 0.5 if step_floor == 0 else exact > 0.9
 
 
 def test_drift_cap():
