@@ -551,7 +551,7 @@ def mode_stats(x, name, n_std=4.0):
 # Data: images
 # ======================================================================================
 
-# (url, md5) of the official files; mnist from the ossci mirror that torchvision also uses.
+# (url, md5) of the official files; mnist from the ossci mirror (the original host is unreliable).
 _SOURCES = {
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {
         "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",

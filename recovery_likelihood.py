@@ -119,7 +119,8 @@ def get_args(argv=None):
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
     defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4,
-                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine", drift_cap=0.0 if toy else 0.1, step_floor=0.0 if toy else 0.3,
+                    warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine",
+                    drift_cap=0.0 if toy else 0.1, step_floor=0.0 if toy else 0.3,
                     ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -185,8 +186,8 @@ def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor
     recovery[T] = 0.0
     t = torch.arange(T)
     s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
-    floor = torch.where(t >= 1, step_floor ** 2 * sch["sigma"][t + 1] ** 2, torch.zeros(T, dtype=torch.float64))
-    s2 = torch.maximum(s2, floor)  # our floor above level 0 (images: 30 steps reach p(y_t | x_{t+1}), README)
+    floor = (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2  # ours, images: above level 0 only (README)
+    s2 = torch.maximum(s2, floor)  # so that 30 steps can reach p(y_t | x_{t+1})
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
     sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt(), T=torch.tensor(T))
     sch = {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
