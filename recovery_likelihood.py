@@ -347,7 +347,7 @@ def diagnostics(loss, diag, T, grad_norm):
 
 def check_runaway(step, loss, limit=5.0):
     """Stop a run whose loss (a weighted mean energy gap) has run away: the sampler's chains no
-    longer reach the model's modes and the energies grow. In our 34 logged fashion runs no run
+    longer reach the model's modes and the energies grow. In our 38 logged fashion runs no run
     that recovered ever logged |loss| above 3.3, and every run that went past 3.3 had run away,
     its first such value between 5.8 and 7e3 (one peaked at 94 and fell back to |loss| ~0 with a
     broken model, README). NaN is caught by common.check_finite; this catches the finite blow-up."""
