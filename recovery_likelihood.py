@@ -8,8 +8,11 @@ is a plain marginal EBM; the progressive sampler from N(0, I) down the levels; l
 (--long-run); the normalised density of level 0 by annealed importance sampling (AIS) down the
 learned levels, starting at N(0, I) whose normaliser is known; FID on images; MMD and exact
 (quadrature) likelihood checks on 2-D toys. Energy networks: the authors' ResNet
-(common.EnergyResNet, spectral norm, time embedding) for images, an MLP with the same level
-conditioning for toys. The paper text we have is partial, so equations are labelled here:
+(common.EnergyResNet, spectral norm, time embedding; --net resnet, --preset paper) or, the
+image default, ours: f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U (--net unet,
+which on Fashion-MNIST at 1000 CPU steps draws items where the small ResNet draws blobs);
+an MLP with the ResNet's level conditioning for toys. The paper text we have is partial, so
+equations are labelled here:
 
   (R1) forward pairs   x_t = abar_t x + sigmabar_t e,   x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
   (R2) recovery model  p(y_t | x_{t+1}) ~ exp( f(y_t, t) / s_t^2 - ||y_t - x_{t+1}||^2 / (2 sigma_{t+1}^2) ),
@@ -17,8 +20,9 @@ conditioning for toys. The paper text we have is partial, so equations are label
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
                        s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md), and on images floored at
                        s_t >= 0.3 sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps 30
-                       steps of even the exact chain cover under half of p(y_t | x_{t+1}); README)
-  (R3') drift cap      ours, images: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
+                       steps of even the exact chain cover under half of p(y_t | x_{t+1}); README;
+                       --net unet: K = 15 steps at 0.42 sigma_{t+1})
+  (R3') drift cap      ours, --net resnet: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
                        c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (README)
   (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
   (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
@@ -35,8 +39,8 @@ Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
-    python recovery_likelihood.py --dataset fashion --steps 1000   # small ResNet, 25-55 min on 2 cores (by machine)
-  expect FID 170-210 (500 samples): garment-shaped blobs, not yet recognisable items (README, Fashion-MNIST)
+    python recovery_likelihood.py --dataset fashion --steps 1000   # small U-Net energy, ~1 hour on 2 cores
+  expect FID ~115 (500 samples) and recognisable items (README, Fashion-MNIST; --net resnet: blobs, ~170)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -55,13 +59,12 @@ import common
 # Arguments
 # ======================================================================================
 
+_PAPER = dict(net="resnet", n_steps=30, b_square=2e-4, step_cap=0.3, step_floor=0.0, drift_cap=0.0, lr=1e-4,
+              lr_decay="none", warmup=1000, steps=400000, fid_samples=50000)
 PRESETS = {  # the paper / authors' code; `steps` is our choice (not in the text we have)
-    "cifar10": dict(ch=128, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, lr=1e-4, beta1=0.9,
-                    warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0, step_floor=0.0),
-    "celeba": dict(ch=128, ch_mult="1,2,2,2,4", num_blocks=2, batch_size=128, lr=1e-4, beta1=0.5,
-                   warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0, step_floor=0.0),
-    "lsun_church": dict(ch=128, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, lr=1e-4, beta1=0.5,
-                        warmup=1000, steps=400000, fid_samples=50000, b_square=2e-4, lr_decay="none", drift_cap=0.0, step_floor=0.0),
+    "cifar10": dict(_PAPER, ch=128, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, beta1=0.9),
+    "celeba": dict(_PAPER, ch=128, ch_mult="1,2,2,2,4", num_blocks=2, batch_size=128, beta1=0.5),
+    "lsun_church": dict(_PAPER, ch=128, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, beta1=0.5),
 }
 PRESETS["lsun_bedroom"] = PRESETS["lsun_church"]
 
@@ -70,36 +73,43 @@ def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], dataset="8gaussians", steps=3000, batch_size=None,
                            fid_samples=500)
     p.add_argument("--T", type=int, default=6, help="number of noise levels (paper: 6 for FID, 1000 for likelihood)")
-    p.add_argument("--n-steps", type=int, default=30, help="Langevin steps K per level (paper: 30)")
+    p.add_argument("--n-steps", type=int, default=None,
+                   help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, README)")
     p.add_argument("--b-square", type=float, default=None,
                    help="b^2 of the step-size rule (R3) (paper 2e-4 for images; default 3e-2 for toys, "
                         "where 2e-4 leaves NLL gaps of tens of nats)")
-    p.add_argument("--step-cap", type=float, default=0.3,
+    p.add_argument("--step-cap", type=float, default=None,
                    help="cap s_t <= cap * sigma_{t+1} (not in the paper; inactive at b^2 = 2e-4; "
-                        "without it the top levels diverge on toys)")
+                        "without it the top levels diverge on toys; default 0.3, 0.42 for --net unet)")
     p.add_argument("--step-floor", type=float, default=None,
-                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1 (not in the paper; default 0.3 on images, "
-                        "where the rule's steps leave 30-step chains short of p(y_t | x_{t+1}), README; 0: off, toys and paper)")
+                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1 (not in the paper; default on images 0.3, "
+                        "0.42 for --net unet's 15 steps: the rule's steps leave the chains short of p(y_t | x_{t+1}), "
+                        "README; 0: off, toys and paper)")
     p.add_argument("--drift-cap", type=float, default=None,
                    help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
-                        "default 0.1 on images, where it bounds runaways (README, Stability); 0: off, toys and paper)")
+                        "default 0.1 for --net resnet on images, where it bounds runaways (README, Stability); "
+                        "0: off, toys, paper and --net unet, whose chains it would hold back)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4, for runs of ~1000 steps: "
-                        "higher lets the toys' mode weights wander; on images 1e-3, and longer runs at 5e-4 or "
+                        "higher lets the toys' mode weights wander; with --net resnet 1e-3, and longer runs at 5e-4 or "
                         "2.5e-4, ran away at level 0: README, Stability)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
                    help="lr after warm-up (paper and --preset paper: none; default cosine to 0: on toys the level-0 "
-                        "mode weights wander with the lr; on images cosine without --drift-cap ran away, README)")
+                        "mode weights wander with the lr; with --net resnet cosine without --drift-cap ran away, README)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (images; paper: on)")
-    p.add_argument("--ch", type=int, default=32,
-                   help="ResNet base channels (paper 128; 32 keeps 1000 CPU steps under an hour)")
-    p.add_argument("--ch-mult", default="1,2,2", help="ResNet channel multipliers (paper 1,2,2,2 at 32 px)")
+    p.add_argument("--net", default=None, choices=["resnet", "unet"],
+                   help="image energy: resnet, the authors' (--preset paper); unet (default without a preset, ours): "
+                        "f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U, which at 1000 CPU steps draws "
+                        "items where the small ResNet draws blobs (README, Fashion-MNIST)")
+    p.add_argument("--ch", type=int, default=None,
+                   help="base channels (paper 128; default 32 for resnet, 16 for unet: 1000 CPU steps in about an hour)")
+    p.add_argument("--ch-mult", default="1,2,2", help="channel multipliers (paper 1,2,2,2 at 32 px)")
     p.add_argument("--num-blocks", type=int, default=1, help="res blocks per resolution (paper 8 for CIFAR-10, 2 else)")
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
                    help="spectral norm on every layer of the ResNet (authors' code: on)")
@@ -118,9 +128,13 @@ def get_args(argv=None):
                         "save their stages and energies (paper: long-run chains stay realistic)")
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
+    if args.net is None:
+        args.net = "mlp" if toy else "unet"  # toys: the MLP, whatever --net says
+    unet = not toy and args.net == "unet"
     defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4,
                     warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine",
-                    drift_cap=0.0 if toy else 0.1, step_floor=0.0 if toy else 0.3,
+                    ch=16 if unet else 32, n_steps=15 if unet else 30, step_cap=0.42 if unet else 0.3,
+                    drift_cap=0.0 if toy or unet else 0.1, step_floor=0.0 if toy else 0.42 if unet else 0.3,
                     ais_particles=4000 if toy else 64, ais_steps=100 if toy else 20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -229,13 +243,36 @@ class EnergyMLP(nn.Module):
         return (h * self.head(temb)[index]).sum(1)
 
 
+class EnergyUNet(nn.Module):
+    """Images, ours (--net unet): f(y, t) = -(s_t^2 / (2 v_t)) ||y - U(y, t)||^2 with U a U-Net,
+    so that the level's log-density f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) is Salimans & Ho's
+    energy (energy_vs_score.py, model B). v_t = (a_{t+1} sigmabar_t)^2 is the noise variance of
+    y_t: where U denoises, grad (f / s_t^2) is the score of y_t at the right scale, and where
+    U(y) = 0 the level is N(0, v_t I). The recovery objective and sampler are unchanged."""
+
+    def __init__(self, unet, sch):
+        super().__init__()
+        T = int(sch["T"])
+        v = (sch["a_prev"][1:T + 1] * sch["sigmabar"][:T]) ** 2
+        self.unet = unet
+        self.register_buffer("scale", (sch["s"] ** 2 / (2 * v)).float().cpu())
+
+    def forward(self, y, t):
+        return -self.scale[t] * (y - self.unet(y, t)).flatten(1).pow(2).sum(1)
+
+
 def make_model(args, in_ch):
-    """The energy network f(y, t): an MLP for 2-D toys, the authors' ResNet for images
-    (common.EnergyResNet: time embedding in every block, spectral norm on all but the head,
-    leaky-ReLU 0.2, avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)."""
+    """The energy network f(y, t): an MLP for 2-D toys; for images the authors' ResNet (--net
+    resnet; common.EnergyResNet: time embedding in every block, spectral norm on all but the
+    head, leaky-ReLU 0.2, avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)
+    or our U-Net energy (--net unet, the default without a preset)."""
     if args.dataset in common.TOYS:
         return EnergyMLP(args.hidden, 3, args.input_scale)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
+    if args.net == "unet":
+        sch = make_schedule(args.T, args.b_square, args.step_cap, step_floor=args.step_floor)
+        return EnergyUNet(common.UNet(in_ch, args.ch, ch_mult, args.num_blocks, attn_res=(), dropout=0.0,
+                                      resolution=32), sch)
     silu = nn.SiLU() if args.act == "silu" else None  # ours, --act silu: a smooth f (README, Deviations)
     return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn,
                                act=silu, final_act=silu)
@@ -587,9 +624,10 @@ def main():
     step = 0
     if args.resume or args.eval_only:
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
-                                       must_match=("dataset", "T", "ch", "ch_mult", "num_blocks", "act",
-                                                   "hidden", "sn", "b_square", "step_floor"),
-                                       missing={"sn": True, "act": "lrelu", "step_floor": 0.0})  # flags that came later
+                                       must_match=("dataset", "T", "net", "ch", "ch_mult", "num_blocks", "act",
+                                                   "hidden", "sn", "b_square", "step_floor", "step_cap"),
+                                       missing={"sn": True, "act": "lrelu", "step_floor": 0.0,  # flags that came later
+                                                "net": "mlp" if toy else "resnet", "step_cap": 0.3})
         common.load_state(model, state["model"], "model")
         common.load_state(ema, state["ema"], "EMA model")
         common.load_state(opt, state["opt"], "optimiser")

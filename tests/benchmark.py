@@ -129,7 +129,8 @@ def bench_langevin(device, quick):
 
 def bench_recovery(device, quick):
     import recovery_likelihood as rl
-    sizes = [("small", ["--dataset", "fashion"], 16)]
+    sizes = [("Fashion U-Net energy (the default)", ["--dataset", "fashion"], 16),
+             ("Fashion ResNet", ["--dataset", "fashion", "--net", "resnet"], 16)]
     if not quick:
         sizes.append(("paper", ["--dataset", "cifar10", "--preset", "paper"], 2))
     for label, argv, batch in sizes:

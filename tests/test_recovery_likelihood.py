@@ -83,8 +83,8 @@ def test_recovery_sampler_draws_exact_gaussian_conditional(level):
     assert y.var(0).numpy() == pytest.approx([c_ula.item()] * 2, rel=0.03)  # SE of a variance: 1%
 
 
-@pytest.mark.parametrize("step_floor", [0.0, 0.3])
-def test_thirty_steps_reach_the_gaussian_conditional(step_floor):
+@pytest.mark.parametrize("step_floor,k", [(0.0, 30), (0.3, 30), (0.42, 15)])
+def test_chains_reach_the_gaussian_conditional(step_floor, k):
     """Exact draws y_t ~ p(y_t | x_{t+1}) lie at E||y_t - x_{t+1}||^2 = D sigma_{t+1}^2 (as the
     data's y+ do). With data N(0, v I) and the exact f plugged in, the K-step chain from x_{t+1}
     is a linear AR(1) recursion y <- alpha y + beta x_{t+1} + s e, alpha = 1 - s^2 P / 2 (P the
@@ -92,9 +92,10 @@ def test_thirty_steps_reach_the_gaussian_conditional(step_floor):
     c = alpha^K - 1 + beta (1 - alpha^K) / (1 - alpha) and noise variance s^2 (1 - alpha^2K) / (1 - alpha^2).
     The sampler must match that closed form. At the paper's steps (b^2 = 2e-4) 30 steps cover
     less than half of sigma^2 at levels 1-4, so a learned f must make up the rest; with the
-    images' floor s_t = 0.3 sigma_{t+1} they cover more than 90%."""
+    images' floor s_t = 0.3 sigma_{t+1} they cover more than 90%, and so do the 15 steps of --net unet
+    at its floor and cap of 0.42 sigma_{t+1}."""
     torch.manual_seed(0)
-    sch, v, n, d, k = rl.make_schedule(6, 2e-4, 0.3, step_floor=step_floor), 0.3, 4000, 16, 30
+    sch, v, n, d = rl.make_schedule(6, 2e-4, max(0.3, step_floor), step_floor=step_floor), 0.3, 4000, 16
     for level in range(1, 5):
         a, sig2, s2 = sch["a_prev"][level + 1], sch["sigma"][level + 1] ** 2, sch["s"][level] ** 2
         v_y = a ** 2 * (sch["abar"][level] ** 2 * v + sch["sigmabar"][level] ** 2)  # level-t marginal of y
@@ -220,7 +221,7 @@ def test_ais_exact_for_gaussian_levels():
 
 def test_resnet_energy_shapes_and_gradient():
     torch.manual_seed(0)
-    args = rl.get_args(["--dataset", "fashion", "--ch", "8", "--ch-mult", "1,2"])
+    args = rl.get_args(["--dataset", "fashion", "--net", "resnet", "--ch", "8", "--ch-mult", "1,2"])
     net = rl.make_model(args, 1)
     sch = rl.make_schedule(6, 2e-4, 0.3)
     loss, diag = rl.training_step(net, torch.rand(4, 1, 32, 32) * 2 - 1, sch, 2)
@@ -235,7 +236,8 @@ def test_resnet_activation_sets_curvature(act):
     everywhere and grad f is piecewise constant; SiLU gives a smooth f with curvature, whose
     Hessian-vector product (double backprop) must match finite differences of grad f."""
     torch.manual_seed(0)
-    net = rl.make_model(rl.get_args(["--dataset", "fashion", "--ch", "8", "--ch-mult", "1,2", "--act", act]), 1)
+    net = rl.make_model(rl.get_args(["--dataset", "fashion", "--net", "resnet", "--ch", "8", "--ch-mult", "1,2",
+                                     "--act", act]), 1)
     net.eval()  # freeze the spectral-norm power iteration: f must be the same function at y and y + h v
     net.double()
     y, v = torch.randn(2, 1, 32, 32, dtype=torch.float64), torch.randn(2, 1, 32, 32, dtype=torch.float64)
@@ -252,6 +254,43 @@ def test_resnet_activation_sets_curvature(act):
     else:
         assert hvp.norm() > 1e-3 * grad.norm()
         assert torch.allclose(hvp, fd, rtol=1e-4, atol=1e-6 * hvp.abs().max().item())
+
+
+@pytest.mark.parametrize("level", [2, 5])
+def test_unet_energy_with_zero_u_is_the_noise_gaussian(level):
+    """--net unet: f / s_t^2 = -||y - U||^2 / (2 v_t). With U's output layer zeroed (U = 0) level t
+    is N(0, v_t I), v_t = (a_{t+1} sigmabar_t)^2 from NOTES.md's sigma and sigmabar (a = 1 at the
+    top), so the recovery chain must reach the closed-form Gaussian conditional (or, at the top,
+    N(0, v_5 I)) with unadjusted Langevin's variance c / (1 - s^2 / (4 c)), as above."""
+    torch.manual_seed(0)
+    args = rl.get_args(["--dataset", "fashion", "--ch", "8", "--ch-mult", "1,2"])
+    assert (args.net, args.n_steps, args.drift_cap) == ("unet", 15, 0.0)
+    net = rl.make_model(args, 1)
+    torch.nn.init.zeros_(net.unet.out[-1].weight), torch.nn.init.zeros_(net.unet.out[-1].bias)
+    sigma = [0.01, 0.324, 0.516, 0.632, 0.713, 0.773, 0.9997]  # NOTES.md, T = 6
+    sigmabar = [0.01, 0.324, 0.586, 0.778, 0.898, 0.960]
+    a = 1.0 if level == 5 else math.sqrt(1 - sigma[level + 1] ** 2)
+    v = (a * sigmabar[level]) ** 2
+    sch = rl.make_schedule(6, args.b_square, args.step_cap, step_floor=args.step_floor)
+    n, t = 16, torch.full((16,), level)
+    x_next = torch.full((n, 1, 32, 32), 0.5)
+    y = torch.randn(n, 1, 32, 32)
+    s2 = sch["s"][level] ** 2
+    log_p = net(y, t) / s2
+    assert torch.allclose(log_p, -(y ** 2).flatten(1).sum(1) / (2 * v), rtol=3e-3)  # v from NOTES to 3 digits
+    with torch.no_grad():
+        if level == 5:
+            m, c, start = 0.0, v, torch.randn(n, 1, 32, 32)
+        else:
+            sig2 = sch["sigma"][level + 1] ** 2
+            c = 1 / (1 / v + 1 / sig2)
+            m, start = c * 0.5 / sig2, x_next
+        for p in net.parameters():
+            p.requires_grad_(False)
+        y = rl.recovery_sample(net, start, x_next, t, sch, 60, 1.0)  # mixed: >= 0.18 of the variance per step
+    c_ula = c / (1 - s2 / (4 * c))
+    assert y.mean().item() == pytest.approx(float(m), abs=4 * math.sqrt(c_ula / y.numel()))
+    assert y.var().item() == pytest.approx(float(c_ula), rel=0.05)  # 16384 draws: SE of the variance ~1.1%
 
 
 def run(tmp_path, *argv, check=True):
