@@ -962,13 +962,16 @@ def save_line_plot(path, series, size=(480, 240), title=""):
 # Run plumbing: arguments, seeds, devices, folders, checkpoints, logs, distributed
 # ======================================================================================
 
-def base_parser(description, dataset, steps, batch_size, fid_samples=1000):
-    """The flags every script shares (CONVENTIONS.md); scripts add their own."""
+def base_parser(description, dataset, steps, batch_size, fid_samples=1000, batch_size_help=""):
+    """The flags every script shares (CONVENTIONS.md); scripts add their own. A script that
+    picks the batch size per data set passes batch_size=None and names its defaults in
+    batch_size_help."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(TOYS + IMAGE_DATASETS)}")
     p.add_argument("--data-dir", default="data", help="where data sets are looked for and downloaded to")
     p.add_argument("--steps", type=int, default=steps, help="training iterations")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="examples per iteration (all GPUs together)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="examples per iteration (all GPUs together" + (f"; {batch_size_help})" if batch_size_help else ")"))
     p.add_argument("--out", default=None, help="output folder (default runs/SCRIPT-DATASET)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when present")
     p.add_argument("--seed", type=int, default=0, help="drives Python, NumPy and torch")
@@ -1105,7 +1108,10 @@ def prepare_out_dir(args, script):
 
 
 def rng_state():
-    """Python, NumPy, torch (and CUDA) RNG states as tensors / lists (weights_only-safe)."""
+    """Python, NumPy, torch (and CUDA) RNG states as tensors / lists (weights_only-safe).
+    Under torchrun every rank's state, gathered on all ranks ({"ranks": [...]}): each rank
+    draws its own noise, and --resume must give each its own stream back. That makes it a
+    collective: call it on every rank."""
     _, py_keys, py_gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {"python": list(py_keys), "python_gauss": py_gauss,
@@ -1113,10 +1119,23 @@ def rng_state():
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state)
+        return {"ranks": ranks}
     return state
 
 
 def set_rng_state(state):
+    """Restore what rng_state() saved: this rank's own state. A rank the checkpoint has no
+    state for (resumed on more processes than it was written by) keeps its fresh seeding."""
+    if "ranks" in state:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank >= len(state["ranks"]):
+            return
+        state = state["ranks"][rank]
+    elif dist.is_initialized() and dist.get_rank() > 0:
+        return  # a single-process checkpoint holds rank 0's stream only
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_rest"]))
     torch.set_rng_state(state["torch"])
@@ -1215,7 +1234,8 @@ def check_finite(step, knobs, **values):
 
 class StopFlag:
     """SIGINT (Ctrl-C) / SIGTERM set .requested instead of killing the process, so the
-    training loop can finish its step, save a checkpoint and exit 0."""
+    training loop can finish its step, save a checkpoint and exit 0. Loops ask
+    should_stop() once per step, which under torchrun makes every rank agree."""
 
     def __init__(self):
         self.requested = False
@@ -1229,6 +1249,18 @@ class StopFlag:
         if is_main():
             print("\nstopping: training saves a checkpoint after this step and exits; an evaluation under "
                   "way runs to its end (Ctrl-C again to abort)", file=sys.stderr)
+
+    def should_stop(self):
+        """Whether to save and leave now. Under torchrun the signal reaches the ranks at
+        different moments, and a rank that left alone would hang the others in their next
+        all-reduce: so this is a collective, true on every rank once any rank was signalled.
+        Call it once per step at the same point on every rank and use its answer all step."""
+        if not dist.is_initialized():
+            return self.requested
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 class Logger:

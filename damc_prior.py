@@ -564,13 +564,14 @@ def main(argv=None):
             values = {k: v.item() for k, v in stats.items()}
             common.check_finite(step + 1, "--q-lr, --e-lr, --g-lr, --post-step-size, --prior-step-size", **values)
             logger.log(step + 1, args.batch_size, **values, **dists)
-        if stop.requested or (step + 1) % args.ckpt_every == 0 or last:
+        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        if stopping or (step + 1) % args.ckpt_every == 0 or last:
             common.save_checkpoint(out / "checkpoint.pt",
                                    checkpoint_state(model, opts, args, step + 1, batches, dist_history))
             if not toy and common.is_main():
                 with fork_rng():
                     save_image_picture(out / f"samples_{step + 1}.png", model, args, x, device)
-            if stop.requested:
+            if stopping:
                 logger.close()
                 return
     logger.close()

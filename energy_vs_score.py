@@ -337,7 +337,8 @@ def train(args, models, sched, data, batches, shape, device, out, start, checkpo
         logger.update()
         done = step + 1
         log_now = done % args.log_every == 0 or done == args.steps
-        ckpt_now = done % args.ckpt_every == 0 or done == args.steps or stop.requested
+        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        ckpt_now = done % args.ckpt_every == 0 or done == args.steps or stopping
         if log_now or ckpt_now:  # never checkpoint a diverged model
             sfx = (lambda n: "") if len(models) == 1 else (lambda n: "_" + n)
             row = {}
@@ -346,11 +347,13 @@ def train(args, models, sched, data, batches, shape, device, out, start, checkpo
             common.check_finite(done, "--lr, --grad-clip", **row)
             if log_now:
                 logger.log(done, args.batch_size, lr=lr, **row)
-        if done % args.ckpt_every == 0 or done == args.steps:
+        periodic = done % args.ckpt_every == 0 or done == args.steps
+        if periodic:
             checkpoint(done)
             save_pictures(out, done, models, sched, args, shape, device)
-        if stop.requested:
-            checkpoint(done)
+        if stopping:
+            if not periodic:
+                checkpoint(done)
             logger.close()
             return False
     if start >= args.steps:  # nothing to train (--steps 0, or resumed at the end)

@@ -510,9 +510,10 @@ def train_base(args, G, batches, state, out, device, stop, nz):
             value = loss.item()
             common.check_finite(step, "--base-lr", base_loss=value)
             logger.log(step, args.base_batch_size, base_loss=value)
-        if step % args.ckpt_every == 0 or step == args.base_steps or stop.requested:
+        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        if step % args.ckpt_every == 0 or step == args.base_steps or stopping:
             save(step)
-        if stop.requested:
+        if stopping:
             return False
     logger.close()
     G.eval().requires_grad_(False)
@@ -588,10 +589,11 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz):
         ebm_update(E(x), E(x_model), args.alpha, opt, params, logger, step, args, "--lr, --eps")  # Eq. 5 / 7
         if args.eval_every and step % args.eval_every == 0:
             check(step)
-        if step % args.ckpt_every == 0 or step == args.steps or stop.requested or track["stopped"]:
+        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        if step % args.ckpt_every == 0 or step == args.steps or stopping or track["stopped"]:
             save(step)
             save_samples(out, step, args, G, E, nz, device, batches is None)
-        if stop.requested:
+        if stopping:
             return None
     if track["stopped"] and common.is_main():
         print(f"early stop at step {step}: kept the EBM of step {track['best_step']}")
@@ -625,11 +627,12 @@ def train_pixel(args, E, batches, state, out, device, stop, shape):
         x_model = sample_pixels(E, x0, args)
         buffer[idx] = x_model.cpu()
         ebm_update(E(x), E(x_model), args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step")
-        if step % args.ckpt_every == 0 or step == args.steps or stop.requested:
+        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        if step % args.ckpt_every == 0 or step == args.steps or stopping:
             save(step)
             if common.is_main():
                 common.save_image_grid(out / f"samples_{step:06d}.png", x_model[:64])
-        if stop.requested:
+        if stopping:
             return None
     logger.close()
     return buffer

@@ -19,9 +19,9 @@ equations are labelled here:
                        y_t = a_{t+1} x_t  (top level t = T-1: a = 1 and no Gaussian term)
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
                        s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md), and on images floored at
-                       s_t >= 0.3 sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps 30
-                       steps of even the exact chain cover under half of p(y_t | x_{t+1}); README;
-                       --net unet: K = 15 steps at 0.42 sigma_{t+1})
+                       s_t >= floor * sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps
+                       30 steps of even the exact chain cover under half of p(y_t | x_{t+1}); README):
+                       K = 15 steps at 0.42 sigma_{t+1} (--net unet), 30 at 0.3 (--net resnet)
   (R3') drift cap      ours, --net resnet: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
                        c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (README)
   (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
@@ -35,12 +35,13 @@ equations are labelled here:
 
 Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise.
 
-Demo (offline, CPU: 2.3 CPU-minutes, i.e. about 2.5 minutes on 2 idle cores):
+Demo (offline, CPU: about 2 CPU-minutes, i.e. 2-3 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
-  expect mmd ~5e-4, |nll - nll_exact| ~0.1 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
+  expect mmd ~5e-4, |nll - nll_exact| ~0.01-0.05 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
     python recovery_likelihood.py --dataset fashion --steps 1000   # small U-Net energy, ~1 hour on 2 cores
-  expect FID ~115 (500 samples) and recognisable items (README, Fashion-MNIST; --net resnet: blobs, ~170)
+  expect FID ~115 (500 samples; 116.4 and 114.1 in our runs) and recognisable items (README,
+  Fashion-MNIST; --net resnet: blobs, ~170)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
 """
@@ -71,7 +72,7 @@ PRESETS["lsun_bedroom"] = PRESETS["lsun_church"]
 
 def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], dataset="8gaussians", steps=3000, batch_size=None,
-                           fid_samples=500)
+                           fid_samples=500, batch_size_help="default 256 toys, 64 images")
     p.add_argument("--T", type=int, default=6, help="number of noise levels (paper: 6 for FID, 1000 for likelihood)")
     p.add_argument("--n-steps", type=int, default=None,
                    help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, README)")
@@ -79,12 +80,13 @@ def get_args(argv=None):
                    help="b^2 of the step-size rule (R3) (paper 2e-4 for images; default 3e-2 for toys, "
                         "where 2e-4 leaves NLL gaps of tens of nats)")
     p.add_argument("--step-cap", type=float, default=None,
-                   help="cap s_t <= cap * sigma_{t+1} (not in the paper; inactive at b^2 = 2e-4; "
-                        "without it the top levels diverge on toys; default 0.3, 0.42 for --net unet)")
+                   help="cap s_t <= cap * sigma_{t+1} (not in the paper; without it the top levels diverge on "
+                        "toys; default 0.3, 0.42 for --net unet; on images it equals the floor, so the steps above "
+                        "level 0 are cap * sigma_{t+1}; --preset paper: inactive at b^2 = 2e-4)")
     p.add_argument("--step-floor", type=float, default=None,
-                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1 (not in the paper; default on images 0.3, "
-                        "0.42 for --net unet's 15 steps: the rule's steps leave the chains short of p(y_t | x_{t+1}), "
-                        "README; 0: off, toys and paper)")
+                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1, at most --step-cap (not in the paper; "
+                        "default 0.42 for --net unet's 15 steps, 0.3 for --net resnet's 30: the rule's steps leave "
+                        "the chains short of p(y_t | x_{t+1}), README; 0: off, toys and paper)")
     p.add_argument("--drift-cap", type=float, default=None,
                    help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
                         "default 0.1 for --net resnet on images, where it bounds runaways (README, Stability); "
@@ -112,7 +114,8 @@ def get_args(argv=None):
     p.add_argument("--ch-mult", default="1,2,2", help="channel multipliers (paper 1,2,2,2 at 32 px)")
     p.add_argument("--num-blocks", type=int, default=1, help="res blocks per resolution (paper 8 for CIFAR-10, 2 else)")
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
-                   help="spectral norm on every layer of the ResNet (authors' code: on)")
+                   help="spectral norm on every conv and dense layer of the ResNet but the head's time-embedding "
+                        "projection (authors' code: on)")
     p.add_argument("--act", default="lrelu", choices=["lrelu", "silu"],
                    help="ResNet activation (authors' code: leaky-ReLU 0.2, ReLU before the sum; silu: SiLU in both)")
     p.add_argument("--hidden", type=int, default=128, help="toy MLP width (NOTES: 3 x 128 SiLU)")
@@ -128,9 +131,11 @@ def get_args(argv=None):
                         "save their stages and energies (paper: long-run chains stay realistic)")
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
-    if args.net is None:
-        args.net = "mlp" if toy else "unet"  # toys: the MLP, whatever --net says
-    unet = not toy and args.net == "unet"
+    if toy:
+        args.net = "mlp"  # toys: the MLP, whatever --net says
+    elif args.net is None:
+        args.net = "unet"
+    unet = args.net == "unet"
     defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4,
                     warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine",
                     ch=16 if unet else 32, n_steps=15 if unet else 30, step_cap=0.42 if unet else 0.3,
@@ -143,6 +148,9 @@ def get_args(argv=None):
                           "ais_particles", "ais_steps", "test_points", "eval_samples")
     if not 0 <= args.ema < 1 or not 0 < args.sample_noise or args.drift_cap < 0 or args.step_floor < 0:
         raise common.UserError("--ema must be in [0, 1), --sample-noise positive, --drift-cap and --step-floor >= 0")
+    if args.step_floor > args.step_cap:
+        raise common.UserError(f"--step-floor {args.step_floor:g} is above --step-cap {args.step_cap:g}, which would "
+                               "override it: lower --step-floor or raise --step-cap")
     if not 2 <= args.T <= 1000:
         raise common.UserError(f"--T must be in 2..1000 (got {args.T})")
     if args.long_run < 0:
@@ -201,7 +209,7 @@ def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor
     t = torch.arange(T)
     s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
     floor = (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2  # ours, images: above level 0 only (README)
-    s2 = torch.maximum(s2, floor)  # so that 30 steps can reach p(y_t | x_{t+1})
+    s2 = torch.maximum(s2, floor)  # so that K steps can reach p(y_t | x_{t+1})
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
     sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt(), T=torch.tensor(T))
     sch = {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
@@ -317,14 +325,14 @@ def training_step(f, x, sch, n_steps):
 # ======================================================================================
 
 
-def recovery_sample(f, start, x_next, t, sch, n_steps, noise_scale, trace=False, keep_every=0):
+def recovery_sample(f, start, x_next, t, sch, n_steps, noise_scale, trace=False):
     """K Langevin steps on (R2) from `start`, per-chain step s_t, no MH (authors' code). Returns y."""
     log_p = recovery_log_p(f, x_next, t, sch)
     s, clip = sch["s"][t], None
     if sch["drift_cap"] > 0:  # ours: each step's drift (s^2/2) grad log p has norm <= cap sigma_{t+1} sqrt(D)
         clip = 2 * sch["drift_cap"] * sch["sigma"][t + 1] * math.sqrt(start[0].numel()) / s ** 2
     return common.langevin(log_p, start, n_steps, s, noise_scale=noise_scale, grad_clip=clip,
-                           trace=trace, keep_every=keep_every)
+                           trace=trace)
 
 
 @torch.no_grad()
@@ -348,14 +356,16 @@ def long_run(f, n, shape, sch, n_steps, noise_scale, device, stages=4):
     Returns (snapshots [T * stages] of x in data space, mean log p per step per level)."""
     T = int(sch["T"])
     x = torch.randn(n, *shape, device=device)
+    ends = [0] + [round(k * n_steps / stages) for k in range(1, stages + 1)]  # the last stage: the chain's end
     snaps, energies = [], {}
     for level in reversed(range(T)):
         t = torch.full((n,), level, device=device, dtype=torch.long)
-        y, info = recovery_sample(f, x, x, t, sch, n_steps, noise_scale, trace=True,
-                                  keep_every=max(1, n_steps // stages))
-        a = sch["a_prev"][level + 1]
-        snaps += [traj / a for traj in info["traj"][1:]]
-        energies[f"level{level}"] = (info["log_p"].mean(1)).tolist()
+        a, y, log_p = sch["a_prev"][level + 1], x, []
+        for begin, end in zip(ends[:-1], ends[1:]):  # one chain, run in pieces (steps do not depend on k)
+            y, info = recovery_sample(f, y, x, t, sch, end - begin, noise_scale, trace=True)
+            snaps.append(y / a)
+            log_p.append(info["log_p"])
+        energies[f"level{level}"] = torch.cat(log_p).mean(1).tolist()
         x = y / a
     return snaps, energies
 
@@ -388,8 +398,10 @@ def check_runaway(step, loss, limit=5.0):
     ResNet no run that recovered ever logged |loss| above 3.3, and every run that went past 3.3
     had run away, its first such value between 5.8 and 7e3 (one peaked at 94 and fell back to
     |loss| ~0 with a broken model: docs/recovery_likelihood_fashion_resnet.md); the U-Net energy's
-    run logged at most 2.35 (step 50), then 0.8. NaN is caught by common.check_finite; this
-    catches the finite blow-up."""
+    run logged at most 2.35 (step 50), then 0.8. Checked only after the lr warm-up: until then
+    the gap measures the fresh network's mismatch (the U-Net energy's |loss| is 20-30 at step 1),
+    and no run ran away before step ~400. NaN is caught by common.check_finite; this catches the
+    finite blow-up."""
     if abs(loss) > limit:
         raise common.Diverged(f"training diverged at step {step} (|loss| = {abs(loss):.3g} > {limit:g}: the samples' "
                               "energies ran away from the data's); checkpoints written so far are from before it. "
@@ -467,7 +479,7 @@ def ais_log_z(f, n, shape, sch, steps_per_level, device):
     w = torch.exp(log_w - log_w.max())
     se = (w.std() / (math.sqrt(n) * w.mean())).item()
     ess = (w.sum() ** 2 / (w ** 2).sum()).item()
-    if not ais_reliable(ess, n) and common.is_main():
+    if not ais_reliable(ess, n):
         print(f"warning: AIS effective sample size {ess:.1f} of {n}: log Z, nll / bpd and their standard "
               "errors are unreliable (a low estimate); raise --ais-steps / --ais-particles, or --T")
     return log_z.item(), se, ess
@@ -554,16 +566,15 @@ def evaluate_images(f, args, sch, device, out, test, shape):
         probs = common.inception_probs(xs, device)
         if probs is not None:
             metrics["is"] = common.inception_score(probs)[0]
-    x_test = common.to_float(test[: args.test_points])
-    x_test = x_test + float(sch["sigmabar"][0]) * torch.randn_like(x_test)
-    terms = nll_terms(f, x_test.to(device), sch, batch=100).cpu()
     log_z, log_z_se, ess = ais_log_z(f, args.ais_particles, shape, sch, args.ais_steps, device)
     metrics["ais_ess"] = ess
     if not ais_reliable(ess, args.ais_particles):  # E[log Z-hat] < log Z: a log Z or bpd from here is only a low guess
-        if common.is_main():
-            print("log_z and bpd not reported (AIS ESS too low); the paper's likelihood setting is --T 1000")
+        print("log_z and bpd not reported (AIS ESS too low); the paper's likelihood setting is --T 1000")
         return metrics, xs
     metrics.update(log_z=log_z, log_z_se=log_z_se)
+    x_test = common.to_float(test[: args.test_points])
+    x_test = x_test + float(sch["sigmabar"][0]) * torch.randn_like(x_test)
+    terms = nll_terms(f, x_test.to(device), sch, batch=100).cpu()
     D = x_test[0].numel()
     # density on the [0, 256) pixel scale: divide by 127.5 per dimension; then bits per dimension
     nats = terms.mean().item() + log_z + D * math.log(127.5)
@@ -591,8 +602,6 @@ def save_pictures(f, args, sch, device, out, name, shape, toy):
 def save_long_run(f, args, sch, device, out, shape, toy):
     n = 2000 if toy else 8
     snaps, energies = long_run(f, n, shape, sch, args.n_steps * args.long_run, args.sample_noise, device)
-    if not common.is_main():
-        return
     if toy:
         common.save_toy_panels(out / "long_run.png", [("", s.cpu()) for s in snaps[-8:]])
     else:
@@ -652,7 +661,7 @@ def main():
         logger = common.Logger(out, args.steps, initial=step)
         params = list(model.parameters())
         while step < args.steps:
-            if stop.requested:
+            if stop.should_stop():  # every rank agrees (torchrun)
                 save()
                 return
             if toy:
@@ -674,7 +683,7 @@ def main():
             logger.update()
             log_due = step % args.log_every == 0 or step == args.steps
             save_due = step % args.ckpt_every == 0 or step == args.steps
-            if log_due or save_due:  # before any checkpoint could store a runaway model
+            if (log_due or save_due) and step > args.warmup:  # before a checkpoint could store a runaway model
                 check_runaway(step, common.mean_over_ranks(loss))
             if log_due:
                 gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None)).item()
@@ -687,12 +696,14 @@ def main():
                 save()
         logger.close()
 
+    if not common.is_main():  # under torchrun rank 0 evaluates alone (every rank holds the same EMA weights)
+        return
     f = ema
     if toy:
         metrics, x_gen = evaluate_toy(f, args, sch, device, out)
     else:
         metrics, x_gen = evaluate_images(f, args, sch, device, out, test, shape)
-    if args.eval_only and common.is_main():
+    if args.eval_only:
         np.savez(out / "samples.npz", x=x_gen.numpy())
         save_pictures(f, args, sch, device, out, f"samples_{step}.png", shape, toy)
     if args.long_run:

@@ -151,11 +151,7 @@ def test_toy_smoke_resume_and_eval_only(tmp_path):
     r = run(tmp_path, "--out", str(tmp_path / "full"), "--eval-only", *flags)
     with __import__("numpy").load(tmp_path / "full" / "samples.npz") as f:
         assert f["x"].shape == (2000, 2) and f["z"].shape == (2000, 2)
-    assert r.stdout.strip().splitlines()[-1].startswith("metrics: ")
-    r = run(tmp_path, "--out", str(tmp_path / "full"), *flags, ok=False)
-    assert "--resume" in r.stderr and "Traceback" not in r.stderr
-    r = run(tmp_path, "--out", str(tmp_path / "bad"), "--eps", "-1", ok=False)
-    assert "--eps" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("metrics: ")  # refusals: test_cli.py
 
 
 TINY_IMG = ["--dataset", "fashion", "--base-steps", "2", "--steps", "2", "--log-every", "1", "--ngf", "8",
@@ -192,6 +188,7 @@ def test_pixel_ebm_saves_and_resumes_buffer(tmp_path):
     check_files(tmp_path / "p", [])
 
 
+@pytest.mark.slow  # ~35 s; the sign of Eq. 5 / 7 and the latent sampler have fast tests above
 def test_short_toy_run_raises_hq_frac(tmp_path):
     """Section 5.1 / Figure 5.1 in miniature: a 2000-step VAE on 25 Gaussians (hq_frac ~0.04, bridges of
     spurious mass) tilted by 300 EBM steps gains a large share of samples within 4 std of a mode, and

@@ -46,7 +46,7 @@ def test_step_size_rule():
     capped = rl.make_schedule(6, 3e-2, 0.3)
     assert (capped["s"] <= 0.3 * capped["sigma"][1:] + 1e-7).all()
     assert capped["a_prev"][6] == 1 and capped["recovery"][6] == 0
-    floored = rl.make_schedule(6, 2e-4, 0.3, step_floor=0.3)  # the image default: 0.3 sigma_{t+1} above level 0
+    floored = rl.make_schedule(6, 2e-4, 0.3, step_floor=0.3)  # --net resnet's floor: 0.3 sigma_{t+1} above level 0
     assert floored["s"][0] == sch["s"][0] and torch.allclose(floored["s"][1:], 0.3 * floored["sigma"][2:])
 
 
@@ -92,7 +92,7 @@ def test_chains_reach_the_gaussian_conditional(step_floor, k):
     c = alpha^K - 1 + beta (1 - alpha^K) / (1 - alpha) and noise variance s^2 (1 - alpha^2K) / (1 - alpha^2).
     The sampler must match that closed form. At the paper's steps (b^2 = 2e-4) 30 steps cover
     less than half of sigma^2 at levels 1-4, so a learned f must make up the rest; with the
-    images' floor s_t = 0.3 sigma_{t+1} they cover more than 90%, and so do the 15 steps of --net unet
+    --net resnet's floor s_t = 0.3 sigma_{t+1} they cover more than 90%, and so do the 15 steps of --net unet
     at its floor and cap of 0.42 sigma_{t+1}."""
     torch.manual_seed(0)
     sch, v, n, d = rl.make_schedule(6, 2e-4, max(0.3, step_floor), step_floor=step_floor), 0.3, 4000, 16
@@ -166,9 +166,9 @@ def test_mode_weight_split_recovers_known_weights():
 
 @pytest.fixture(scope="module")
 def trained_toy():
-    """A small model trained in-process for 300 steps; mmd of its samples before and after."""
+    """A small model trained in-process for 150 steps; mmd of its samples before and after."""
     torch.manual_seed(0)
-    args = rl.get_args(["--out", "unused", "--steps", "300"])
+    args = rl.get_args(["--out", "unused", "--steps", "150"])
     sch = rl.make_schedule(args.T, args.b_square, args.step_cap)
     model = rl.make_model(args, 2)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -178,7 +178,7 @@ def trained_toy():
         x = rl.progressive_sample(model, 1000, (2,), sch, args.n_steps, 0.99, "cpu")
         return common.mmd_rbf(x, data)
     before = mmd()
-    for step in range(300):
+    for step in range(150):
         for group in opt.param_groups:
             group["lr"] = rl.learning_rate(args, step)
         loss, _ = rl.training_step(model, common.toy_sample("8gaussians", 128), sch, args.n_steps)
@@ -327,9 +327,64 @@ def test_smoke_files_resume_and_eval_only(tmp_path):
     run(tmp_path, "--out", str(full), "--eval-only", "--long-run", "2", *TINY)
     assert np.load(full / "samples.npz")["x"].shape == (200, 2)
     assert (full / "long_run.png").exists() and (full / "long_run_energy.png").exists()
-    # a fresh run into a folder with a checkpoint is refused, naming --resume
-    r = run(tmp_path, "--steps", "4", "--out", str(full), check=False)
-    assert r.returncode == 2 and "--resume" in r.stderr
+    energies = json.loads((full / "long_run.json").read_text())  # K * 2 = 10 steps at each of the 6 levels
+    assert sorted(energies) == [f"level{t}" for t in range(6)] and all(len(e) == 10 for e in energies.values())
+
+
+FASHION = ["--dataset", "fashion"]
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (FASHION, dict(net="unet", ch=16, n_steps=15, step_floor=0.42, step_cap=0.42, drift_cap=0.0, batch_size=64,
+                   b_square=2e-4, lr=5e-4, lr_decay="cosine", ema=0.999)),
+    (FASHION + ["--net", "resnet"], dict(net="resnet", ch=32, n_steps=30, step_floor=0.3, step_cap=0.3,
+                                         drift_cap=0.1)),
+    (["--dataset", "cifar10", "--preset", "paper"],  # NOTES.md 1: the authors' CIFAR-10 configuration
+     dict(net="resnet", ch=128, ch_mult="1,2,2,2", num_blocks=8, n_steps=30, b_square=2e-4, step_floor=0.0,
+          drift_cap=0.0, lr=1e-4, lr_decay="none", warmup=1000, batch_size=256, beta1=0.9, ema=0.999)),
+    (["--dataset", "celeba", "--preset", "paper"], dict(net="resnet", ch_mult="1,2,2,2,4", num_blocks=2,
+                                                        batch_size=128, beta1=0.5, step_floor=0.0)),
+    (["--dataset", "lsun_bedroom", "--preset", "paper"], dict(ch_mult="1,2,2,2,4,4", batch_size=64)),
+    (["--net", "resnet"], dict(net="mlp", batch_size=256, b_square=3e-2, step_cap=0.3, step_floor=0.0,
+                               drift_cap=0.0, n_steps=30, ema=0.995)),  # toys: the MLP whatever --net says
+])
+def test_resolved_defaults(argv, expect):
+    args = rl.get_args(argv)
+    assert {k: getattr(args, k) for k in expect} == expect
+
+
+def test_step_floor_above_the_cap_is_refused():
+    with pytest.raises(common.UserError, match="--step-floor 0.5 is above --step-cap 0.42.*lower --step-floor or raise --step-cap"):
+        rl.get_args(FASHION + ["--step-floor", "0.5"])
+    assert rl.get_args(FASHION + ["--step-floor", "0.5", "--step-cap", "0.5"]).step_floor == 0.5
+
+
+def test_long_run_stages_end_at_each_level_chain_end():
+    """--long-run: `stages` snapshots per level at steps round(k K / stages), the last one the
+    chain's end, for any K (here 15, which 4 does not divide)."""
+    torch.manual_seed(0)
+    sch = rl.make_schedule(6, 3e-2, 0.3)
+    f = lambda y, t: -(y ** 2).sum(1)
+    snaps, energies = rl.long_run(f, 5, (2,), sch, 15, 1.0, "cpu", stages=4)
+    assert len(snaps) == 6 * 4 and all(len(e) == 15 for e in energies.values())
+    torch.manual_seed(0)
+    x0 = rl.progressive_sample(f, 5, (2,), sch, 15, 1.0, "cpu")  # the same chain, same noise
+    torch.testing.assert_close(snaps[-1], x0)
+
+
+def test_torchrun_two_processes(tmp_path):
+    """Data-parallel training under torchrun (gloo on CPU): it trains, checkpoints both ranks'
+    random streams (which differ: each rank draws its own levels and noise) and evaluates."""
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
+                        "--steps", "2", "--out", "d", *TINY], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env, "CI": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("metrics: ")
+    state = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    ranks = state["rng"]["ranks"]
+    assert state["step"] == 2 and len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert "mmd" in json.loads((tmp_path / "d" / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("argv,words", [(["--b-square", "-1"], "--b-square"), (["--drift-cap", "-1"], "--drift-cap"),
@@ -339,8 +394,11 @@ def test_one_line_errors(tmp_path, argv, words):
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(not Path(common.FASHION_SYSTEM_DIR).exists(),
+                    reason="Fashion-MNIST not installed (apt dataset-fashion-mnist)")
 def test_fashion_smoke(tmp_path):
+    """The image default (--net unet) end to end, logged at every step: a fresh network's large
+    |loss| in the warm-up must not be taken for a runaway."""
     r = run(tmp_path, "--dataset", "fashion", "--steps", "2", "--ch", "8", "--ch-mult", "1,2", "--out", "f",
             "--fid-samples", "0", "--log-every", "1", "--test-points", "20", "--ais-particles", "4",
             "--ais-steps", "2", "--n-steps", "3")
