@@ -35,7 +35,7 @@ equations are labelled here:
 
 Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise.
 
-Demo (offline, CPU: about 2 CPU-minutes, i.e. 2-3 minutes on 2 idle cores):
+Demo (offline, CPU: about 2 CPU-minutes, i.e. 2.5-4 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.01-0.05 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
