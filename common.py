@@ -8,6 +8,7 @@ Convention (all scripts): images are NCHW float32 in [-1, 1]; Langevin dynamics 
 log-density log p is  x <- x + (s^2 / 2) * grad log p(x) + s * noise,  noise ~ N(0, I).
 """
 import argparse
+import contextlib
 import copy
 import gzip
 import hashlib
@@ -52,7 +53,8 @@ def _per_step(value, k):
 def _as_column(value, x):
     """A float or a per-sample tensor [B] -> something that broadcasts against x [B, ...]."""
     if torch.is_tensor(value):
-        return value.to(x).reshape(-1, *([1] * (x.dim() - 1)))
+        value = value if value.dtype == torch.bool else value.to(x)
+        return value.reshape(-1, *([1] * (x.dim() - 1)))
     return float(value)
 
 
@@ -92,6 +94,9 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     Runs in fp32 whatever the network's precision; each step frees its graph, so memory
     does not grow with n_steps. Returns x [B, ...] (and the trace dict when trace=True).
     """
+    if mh and clamp is not None:
+        raise ValueError("langevin: mh=True with clamp breaks detailed balance (the clamped proposal's density "
+                         "is not the Gaussian the acceptance ratio uses); drop one of them")
     x = x.detach().float()
     if mh:  # MALA needs log p and its gradient at both ends of every proposal
         lp, grad = _log_p_and_grad(log_p, x)
@@ -121,9 +126,9 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
             log_q_fwd = -((x_new - mean) ** 2 / (2 * tau ** 2)).flatten(1).sum(1)
             log_q_back = -((x - mean_back) ** 2 / (2 * tau ** 2)).flatten(1).sum(1)
             accept = torch.rand_like(lp).log() < lp_new - lp + log_q_back - log_q_fwd
-            a = _as_column(accept.float(), x)
-            x_new = a * x_new + (1 - a) * x
-            grad = a * grad_new + (1 - a) * grad
+            keep = _as_column(accept, x)  # a select: a rejected inf/NaN proposal never leaks into x
+            x_new = torch.where(keep, x_new, x)
+            grad = torch.where(keep, grad_new, grad)
             lp = torch.where(accept, lp_new, lp)
             accepted.append(accept.float().mean())
         x = x_new
@@ -134,7 +139,7 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     info = {"log_p": torch.stack(log_ps) if log_ps else torch.empty(0),
             "grad_norm": torch.stack(grad_norms) if grad_norms else torch.empty(0)}
     if mh:
-        info["accept"] = torch.stack(accepted).mean().item() if accepted else 1.0
+        info["accept"] = torch.stack(accepted).mean().item() if accepted else 1.0  # once per chain
     if keep_every:
         info["traj"] = torch.stack(traj)
     return x, info
@@ -170,12 +175,17 @@ class _SpectralNorm(nn.Module):
     is the top singular value of W reshaped to [out, -1], tracked by one power iteration
     per forward pass in training mode (Miyato et al. 2018)."""
 
-    def __init__(self, weight, clip=False):
+    def __init__(self, weight, clip=False, n_power_iterations=15):
         super().__init__()
         self.clip = clip
         w = weight.detach().flatten(1)
-        self.register_buffer("u", F.normalize(torch.randn(w.shape[0]), dim=0))
-        self.register_buffer("v", F.normalize(torch.randn(w.shape[1]), dim=0))
+        u = F.normalize(torch.randn(w.shape[0], device=w.device, dtype=w.dtype), dim=0)
+        v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
+        for _ in range(n_power_iterations):  # so sigma is the top singular value from the start
+            u = F.normalize(w @ v, dim=0, eps=1e-12)
+            v = F.normalize(w.t() @ u, dim=0, eps=1e-12)
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
 
     def forward(self, weight):
         w = weight.flatten(1)
@@ -641,47 +651,126 @@ def read_svhn(path):
     return np.ascontiguousarray(scipy.io.loadmat(path)["X"].transpose(3, 2, 0, 1))
 
 
-def read_image_folder(folder, size):
-    """Every .jpg/.png/.webp under folder -> uint8 [N, 3, size, size]: center square crop
-    (CelebA: the central 140x140 of the 178x218 aligned faces), then a bicubic resize."""
-    from PIL import Image
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+IMAGE_SIZE = {"mnist": 28, "fashion": 28, "cifar10": 32, "svhn": 32, "celeba": 64,
+              "lsun_church": 128, "lsun_bedroom": 128}
+SPLIT_SIZE = {("mnist", "train"): 60000, ("mnist", "test"): 10000, ("fashion", "train"): 60000,
+              ("fashion", "test"): 10000, ("cifar10", "train"): 50000, ("cifar10", "test"): 10000,
+              ("svhn", "train"): 73257, ("svhn", "test"): 26032}
+FOLDER_DATASETS = ("celeba", "lsun_church", "lsun_bedroom")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def image_shape(name, pad_to_32=False):
+    """(C, H, W) of a real data set's images, without reading them."""
+    size = IMAGE_SIZE[name]
+    if pad_to_32 and size == 28:
+        size = 32
+    return (1 if name in ("mnist", "fashion") else 3, size, size)
+
+
+def _folder_files(name, data_dir, split):
+    """The image files of a folder data set's split. CelebA: its official
+    list_eval_partition.txt when present (0 train, 1 valid, 2 test); otherwise, and for
+    LSUN, the last 10% of the sorted files is the test split."""
+    folder = Path(data_dir) / name
+    if not folder.is_dir():
+        raise UserError(f"{name} cannot be downloaded automatically: put its images in "
+                        f"{folder}/ (any sub-folders), or pass --data-dir")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images under {folder}: put the data set's image files there (see README)")
-    out = np.empty((len(files), 3, size, size), np.uint8)
-    for i, p in enumerate(files):
-        im = Image.open(p).convert("RGB")
-        w, h = im.size
-        c = min(w, h) if "celeba" not in str(folder) else min(140, w, h)
-        im = im.crop(((w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2))
-        out[i] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
-    return out
+    partition = folder / "list_eval_partition.txt"
+    if name == "celeba" and partition.exists():
+        by_name = {p.name: p for p in files}
+        wanted = "0" if split == "train" else "2"
+        rows = [line.split() for line in partition.read_text().splitlines() if line.strip()]
+        return [by_name[f] for f, part in rows if part == wanted and f in by_name]
+    cut = int(0.9 * len(files))
+    return files[:cut] if split == "train" else files[cut:]
 
 
-def load_images(name, data_dir="data", split="train", pad_to_32=False):
+def read_image(path, size, celeba=False):
+    """One image file -> uint8 [3, size, size]: a centre square crop (CelebA: the central
+    140 x 140 of the 178 x 218 aligned faces), then a bicubic resize."""
+    from PIL import Image
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    c = min(140, w, h) if celeba else min(w, h)
+    im = im.crop(((w - c) // 2, (h - c) // 2, (w + c) // 2, (h + c) // 2))
+    return np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1).copy()
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """A folder data set (CelebA, LSUN) read lazily: x[i] decodes one image, x[i:j] or
+    x[list] a uint8 stack [n, 3, size, size]; nothing is held in memory."""
+
+    def __init__(self, files, size, celeba=False):
+        self.files, self.size, self.celeba = list(files), size, celeba
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(len(self)))
+        if isinstance(idx, (list, range, np.ndarray, torch.Tensor)):
+            return torch.stack([self[int(i)] for i in idx]) if len(idx) else torch.empty(0, 3, self.size, self.size,
+                                                                                        dtype=torch.uint8)
+        return torch.from_numpy(read_image(self.files[idx], self.size, self.celeba))
+
+
+def split_size(name, split, data_dir="data"):
+    """Images in a real data set's split, without decoding them."""
+    if name in FOLDER_DATASETS:
+        return len(_folder_files(name, data_dir, split))
+    return SPLIT_SIZE[(name, split)]
+
+
+def check_fid_protocol(args, n=None):
+    """At start-up: a UserError when the reference split cannot serve n (default
+    args.fid_samples) images, since FID compares equally many generated and real images."""
+    n = args.fid_samples if n is None else n
+    if not n or args.dataset not in IMAGE_DATASETS:
+        return
+    have = split_size(args.dataset, args.fid_split, args.data_dir)
+    if n > have:
+        raise UserError(f"--fid-samples {n} exceeds the {have} images of {args.dataset}/{args.fid_split}: "
+                        f"lower --fid-samples or use --fid-split train")
+
+
+def load_images(name, data_dir="data", split="train", pad_to_32=False, collective=True):
     """A real data set as uint8 [N, C, H, W] (C = 1 for mnist/fashion, 3 otherwise).
 
     mnist/fashion are 28 x 28 (pad_to_32 adds 2 black pixels each side); cifar10, svhn 32;
-    celeba 64 (center crop); lsun_* 128 (a folder of images under data_dir/NAME).
+    celeba 64 (centre crop), lsun_* 128: these two are ImageFolder objects, read lazily.
+    Under torchrun (collective=True: every rank calls it) rank 0 downloads while the others
+    wait; collective=False for a read by one rank alone (rank 0's FID reference).
     """
+    if name in FOLDER_DATASETS:
+        return ImageFolder(_folder_files(name, data_dir, split), IMAGE_SIZE[name], celeba=name == "celeba")
+    if name not in IMAGE_SIZE:
+        raise UserError(f"unknown dataset '{name}': choose one of {', '.join(TOYS + IMAGE_DATASETS)}")
+    if collective and dist.is_initialized() and dist.get_world_size() > 1:  # one download, then all read it
+        message = None
+        if dist.get_rank() == 0:
+            try:
+                _read_array(name, data_dir, split)
+            except UserError as e:
+                message = str(e)
+        agree(message)
+    x = _read_array(name, data_dir, split)
+    if pad_to_32 and x.shape[-1] == 28:
+        x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    return x
+
+
+def _read_array(name, data_dir, split):
     if name in ("mnist", "fashion"):
         prefix = "train" if split == "train" else "t10k"
-        x = read_idx(_fetch(name, data_dir, [f"{prefix}-images-idx3-ubyte.gz"])[0])[:, None]
-        return np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))) if pad_to_32 else x
+        return read_idx(_fetch(name, data_dir, [f"{prefix}-images-idx3-ubyte.gz"])[0])[:, None]
     if name == "cifar10":
         return read_cifar10(_fetch(name, data_dir, ["cifar-10-python.tar.gz"])[0], split)
-    if name == "svhn":
-        return read_svhn(_fetch(name, data_dir, [f"{split}_32x32.mat"])[0])
-    if name in ("celeba", "lsun_church", "lsun_bedroom"):
-        folder = Path(data_dir) / name
-        if not folder.is_dir():
-            raise UserError(f"{name} cannot be downloaded automatically: put its images in "
-                            f"{folder}/ (any sub-folders), or pass --data-dir")
-        # No standard split for a folder: the last 10% of the sorted files is the test split.
-        x = read_image_folder(folder, 64 if name == "celeba" else 128)
-        cut = int(0.9 * len(x))
-        return x[:cut] if split == "train" else x[cut:]
-    raise UserError(f"unknown dataset '{name}': choose one of {', '.join(TOYS + IMAGE_DATASETS)}")
+    return read_svhn(_fetch(name, data_dir, [f"{split}_32x32.mat"])[0])
 
 
 def to_float(x_uint8):
@@ -696,21 +785,28 @@ def random_flip(x):
 
 
 class Batches:
-    """Endless shuffled mini-batches of an in-memory tensor data [N, ...].
+    """Endless shuffled uint8 mini-batches of a data set: an in-memory tensor [N, ...] (kept
+    on `device` when given: one copy, then every batch is an index on the device) or an
+    ImageFolder (decoded by DataLoader workers into pinned memory, `workers` processes).
 
     Under torch.distributed each rank reads its own shard of the same permutation
     (torch's DistributedSampler). state_dict() / load_state_dict() make --resume read the
     same batches an uninterrupted run would.
     """
 
-    def __init__(self, data, batch_size, seed=0):
+    def __init__(self, data, batch_size, seed=0, device=None, workers=min(4, os.cpu_count() or 1)):
         from torch.utils.data import BatchSampler, DistributedSampler
-        self.data, self.epoch, self.pos = data, 0, 0
+        self.lazy = isinstance(data, torch.utils.data.Dataset) and not torch.is_tensor(data)
+        if not self.lazy:
+            data = torch.as_tensor(data)
+            data = data.to(device) if device is not None else data
+        self.data, self.device, self.workers = data, device, workers
+        self.epoch, self.pos = 0, 0
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.sampler = DistributedSampler(range(len(data)), world, rank, shuffle=True, seed=seed)
         self.batch_size = min(batch_size, len(self.sampler))
         self._make = lambda: list(BatchSampler(self.sampler, self.batch_size, drop_last=True))
-        self._epoch_batches = None
+        self._epoch_batches = self._loader = None
 
     def __iter__(self):
         return self
@@ -719,10 +815,20 @@ class Batches:
         if self._epoch_batches is None:
             self.sampler.set_epoch(self.epoch)
             self._epoch_batches = self._make()
+            if not self.lazy:  # the epoch's indices: one copy to the data's device per epoch
+                self._epoch_batches = torch.tensor(self._epoch_batches, device=self.data.device)
+            if self.lazy:  # the rest of this epoch's batches, decoded ahead by the workers
+                pin = self.device is not None and torch.device(self.device).type == "cuda"
+                self._loader = iter(torch.utils.data.DataLoader(
+                    self.data, batch_sampler=self._epoch_batches[self.pos:], num_workers=self.workers,
+                    pin_memory=pin, persistent_workers=False))
         idx = self._epoch_batches[self.pos]
         self.pos += 1
         if self.pos == len(self._epoch_batches):
             self.epoch, self.pos, self._epoch_batches = self.epoch + 1, 0, None
+        if self.lazy:
+            batch = next(self._loader)
+            return batch.to(self.device, non_blocking=True) if self.device is not None else batch
         return self.data[idx]
 
     def state_dict(self):
@@ -730,6 +836,8 @@ class Batches:
 
     def load_state_dict(self, state):
         self.epoch, self.pos, self._epoch_batches = state["epoch"], state["pos"], None
+        if self.pos >= len(self._make()):  # written under another world size: start its next epoch
+            self.epoch, self.pos = self.epoch + 1, 0
 
 
 # ======================================================================================
@@ -747,6 +855,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     eig = np.linalg.eigvals(s1 @ s2)
     tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def frechet_distance_of_features(features, mu2, sigma2):
+    """frechet_distance(mean and covariance of features [N, D], mu2, sigma2). For N <= D it
+    works on the N x N matrix A^T S2 A, where S1 = A A^T with A = centred features^T /
+    sqrt(N - 1): S1 S2 and A^T S2 A share their non-zero eigenvalues, and A^T S2 A is
+    symmetric PSD, so the same number costs an N x N eigh instead of a D x D eig."""
+    f = np.asarray(features, np.float64)
+    n, d = f.shape
+    if n > d:
+        return frechet_distance(*feature_stats(f), mu2, sigma2)
+    mu1, s2 = f.mean(0), np.asarray(sigma2, np.float64)
+    a = (f - mu1).T / math.sqrt(n - 1)
+    eig = np.linalg.eigvalsh(a.T @ s2 @ a)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(((mu1 - np.asarray(mu2, np.float64)) ** 2).sum() + (a ** 2).sum() + np.trace(s2) - 2 * tr_sqrt)
 
 
 def feature_stats(features):
@@ -787,17 +911,23 @@ def inception_features(images, batch_size=100, device="cpu", model=None):
     return torch.cat(feats).numpy()
 
 
+def _stats_path(dataset, split, hw, n, cache_dir):
+    return Path(cache_dir) / f"{dataset}_{split}_{hw[0]}x{hw[1]}_{n}.npz"
+
+
 def reference_stats(dataset, split, images, n, cache_dir="data/fid_stats", device="cpu"):
-    """Inception (mu, sigma) of n real images, cached in cache_dir as
-    DATASET_SPLIT_HxW_N.npz. images: uint8 or [-1, 1] float [M, C, H, W], M >= n."""
-    h, w = images.shape[-2:]
-    path = Path(cache_dir) / f"{dataset}_{split}_{h}x{w}_{n}.npz"
+    """Inception (mu, sigma) of the first n real images, cached in cache_dir as
+    DATASET_SPLIT_HxW_N.npz. images: uint8 or [-1, 1] float [M, C, H, W], M >= n, or an
+    ImageFolder (read in chunks, never whole)."""
+    path = _stats_path(dataset, split, tuple(images[0].shape[-2:]), n, cache_dir)
     if path.exists():
         with np.load(path) as f:
             return f["mu"], f["sigma"]
-    x = images[:n]
-    x = to_float(x) if (torch.as_tensor(x).dtype == torch.uint8) else torch.as_tensor(x)
-    mu, sigma = feature_stats(inception_features(x, device=device))
+    feats = []
+    for i in range(0, n, 1000):
+        x = torch.as_tensor(images[i: min(n, i + 1000)])
+        feats.append(inception_features(to_float(x) if x.dtype == torch.uint8 else x, device=device))
+    mu, sigma = feature_stats(np.concatenate(feats))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, mu=mu, sigma=sigma)
@@ -812,19 +942,25 @@ def fid(samples, ref_stats, device="cpu"):
     bad = int((~torch.isfinite(samples.flatten(1))).any(1).sum())
     if bad:
         print(f"warning: {bad} of {len(samples)} samples hold NaN/inf; FID scores them as clamped images")
-    mu, sigma = feature_stats(inception_features(samples.nan_to_num(0.0), device=device))
-    return frechet_distance(mu, sigma, *ref_stats)
+    return frechet_distance_of_features(inception_features(samples.nan_to_num(0.0), device=device), *ref_stats)
 
 
 def fid_vs_data(samples, dataset, data_dir="data", split="test", device="cpu"):
-    """FID of samples [N, C, H, W] in [-1, 1] against N images of the data set's split
-    (mnist/fashion padded to 32 when the samples are 32 x 32); reference statistics are
-    cached under DATA_DIR/fid_stats."""
-    size = samples.shape[-1]
-    real = load_images(dataset, data_dir, split, pad_to_32=(dataset in ("mnist", "fashion") and size == 32))
-    if len(real) < len(samples):
-        raise UserError(f"--fid-samples {len(samples)} exceeds the {len(real)} images of {dataset}/{split}")
-    ref = reference_stats(dataset, split, real, len(samples), Path(data_dir) / "fid_stats", device)
+    """FID of samples [N, C, H, W] in [-1, 1] against the first N images of the data set's
+    split (mnist/fashion padded to 32 when the samples are 32 x 32). The reference statistics
+    are cached under DATA_DIR/fid_stats; the split is read only when they are not there."""
+    n, size = len(samples), samples.shape[-1]
+    pad = dataset in ("mnist", "fashion") and size == 32
+    cache = Path(data_dir) / "fid_stats"
+    path = _stats_path(dataset, split, (size, size), n, cache)
+    if path.exists():
+        with np.load(path) as f:
+            ref = f["mu"], f["sigma"]
+    else:
+        real = load_images(dataset, data_dir, split, pad_to_32=pad, collective=False)
+        if len(real) < n:
+            raise UserError(f"--fid-samples {n} exceeds the {len(real)} images of {dataset}/{split}")
+        ref = reference_stats(dataset, split, real, n, cache, device)
     return fid(samples, ref, device)
 
 
@@ -888,7 +1024,7 @@ def log_z_grid(log_f, lim=4.0, n=400, batch=40000):
 
 
 # ======================================================================================
-# Pictures (Pillow only)
+# Pictures (Pillow for image grids, matplotlib for curves and 2-D panels)
 # ======================================================================================
 
 def image_grid(x, nrow=8, pad=2):
@@ -915,47 +1051,55 @@ def save_image_grid(path, x, nrow=8):
     save_png(path, image_grid(x, nrow))
 
 
-def toy_panel(points, lim=3.0, size=256, title=""):
-    """2-D samples [N, 2] -> a uint8 [size, size, 3] log-histogram picture over [-lim, lim]^2."""
-    from PIL import Image, ImageDraw
-    p = points.detach().float().cpu().numpy()
-    hist, _, _ = np.histogram2d(p[:, 1], p[:, 0], bins=size, range=[[-lim, lim], [-lim, lim]])
-    img = np.log1p(hist[::-1]) / max(np.log1p(hist).max(), 1e-9)
-    rgb = (255 * (1 - img[..., None] * np.array([0.9, 0.6, 0.2]))).astype(np.uint8)
-    im = Image.fromarray(rgb)
-    ImageDraw.Draw(im).text((4, 2), title, fill=(0, 0, 0))
-    return np.asarray(im)
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_toy_panels(path, panels, lim=3.0, size=256):
-    """panels: list of (title, points [N, 2]) -> one PNG with the panels side by side."""
-    arrays = [toy_panel(pts, lim, size, title) for title, pts in panels]
-    sep = np.full((size, 4, 3), 128, np.uint8)
-    save_png(path, np.concatenate(sum([[a, sep] for a in arrays], [])[:-1], 1))
-
-
-def save_line_plot(path, series, size=(480, 240), title=""):
-    """series: dict name -> 1-D sequence of numbers -> a PNG line plot (Pillow only; rank 0)."""
-    from PIL import Image, ImageDraw
+    """panels: list of (title, points [N, 2]) -> one PNG (rank 0 only): a log-density
+    histogram of each panel's points over [-lim, lim]^2, side by side, with axes."""
     if not is_main():
         return
-    w, h = size
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    vals = [np.asarray(v, np.float64) for v in series.values()]
-    lo = min(float(np.nanmin(v)) for v in vals)
-    hi = max(float(np.nanmax(v)) for v in vals)
-    hi = hi if hi > lo else lo + 1
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-    for i, (name, v) in enumerate(zip(series, vals)):
-        xs = np.linspace(30, w - 10, len(v)) if len(v) > 1 else np.array([w / 2])
-        ys = h - 20 - (v - lo) / (hi - lo) * (h - 40)
-        d.line(list(zip(xs.tolist(), ys.tolist())), fill=colours[i % 5], width=2)
-        d.text((34, 4 + 12 * i), name, fill=colours[i % 5])
-    d.text((w - 160, 4), title, fill=(0, 0, 0))
-    d.text((2, h - 18), f"{lo:.3g}", fill=(0, 0, 0))
-    d.text((2, 4), f"{hi:.3g}", fill=(0, 0, 0))
-    im.save(path)
+    plt = _pyplot()
+    inch, n = size / 100, len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(inch * n + 0.6, inch + 0.6), squeeze=False, sharey=True, dpi=100)
+    fig.subplots_adjust(left=0.5 / (inch * n + 0.6), right=0.98, bottom=0.4 / (inch + 0.6),
+                        top=1 - 0.25 / (inch + 0.6), wspace=0.08)
+    for ax, (title, points) in zip(axes[0], panels):
+        p = points.detach().float().cpu().numpy()
+        hist, _, _ = np.histogram2d(p[:, 0], p[:, 1], bins=128, range=[[-lim, lim], [-lim, lim]])
+        ax.imshow(np.log1p(hist.T), origin="lower", extent=(-lim, lim, -lim, lim), cmap="Blues")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("$x_1$", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("$x_2$", fontsize=8)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_line_plot(path, series, x=None, xlabel="step", ylabel="", title="", log_y=False):
+    """series: {name: 1-D sequence} -> a PNG line plot with axes and a legend (rank 0 only).
+    x: the shared x values (default 0, 1, ...); log_y for values that span decades."""
+    if not is_main():
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    for name, values in series.items():
+        values = np.asarray(values, np.float64)
+        ax.plot(np.arange(len(values)) if x is None else np.asarray(x)[: len(values)], values, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ======================================================================================
@@ -965,8 +1109,10 @@ def save_line_plot(path, series, size=(480, 240), title=""):
 def base_parser(description, dataset, steps, batch_size, fid_samples=1000, batch_size_help=""):
     """The flags every script shares (CONVENTIONS.md); scripts add their own. A script that
     picks the batch size per data set passes batch_size=None and names its defaults in
-    batch_size_help."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    batch_size_help. Prefixes of flags are refused (allow_abbrev=False), so a flag the user
+    gave is always recognised as given (see parse_args)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(TOYS + IMAGE_DATASETS)}")
     p.add_argument("--data-dir", default="data", help="where data sets are looked for and downloaded to")
     p.add_argument("--steps", type=int, default=steps, help="training iterations")
@@ -977,33 +1123,79 @@ def base_parser(description, dataset, steps, batch_size, fid_samples=1000, batch
     p.add_argument("--seed", type=int, default=0, help="drives Python, NumPy and torch")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--eval-only", action="store_true", help="load OUT/checkpoint.pt, evaluate, write samples.npz")
-    p.add_argument("--fid-samples", type=int, default=fid_samples, help="generated samples for FID (paper: 50000)")
-    p.add_argument("--preset", default=None, choices=["paper"], help="the paper's full configuration for --dataset")
+    p.add_argument("--fid-samples", type=int, default=fid_samples,
+                   help="generated samples for FID (--preset paper: the paper's protocol, in the module docstring)")
+    p.add_argument("--fid-split", default=None, choices=["train", "test"],
+                   help="reference split for FID (default: the preset's; test without one)")
+    p.add_argument("--preset", default=None, choices=["paper", "small"],
+                   help="paper: the paper's configuration for --dataset (the default for a data set the paper "
+                        "reports); small: CPU-sized (the default otherwise). Explicit flags win")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration and parameter counts as JSON, then exit")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"],
+                   help="bf16: autocast the networks' forward passes (Langevin and log-densities stay fp32)")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
     return p
 
 
+def given_flags(parser, argv):
+    """The dests the user set on the command line, however spelled (`--x=1`, `--x 1`, a
+    value equal to the default): argparse fills in a default only where the namespace it
+    parses into lacks the attribute, so a namespace pre-filled with a marker keeps the marker
+    exactly where nothing was given."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_args(argv, namespace=ns)
+    return {key for key, value in vars(ns).items() if value is not unset}
+
+
 def parse_args(parser, presets=None, argv=None):
-    """Parse, then apply presets[dataset] (for --preset paper) to every flag the user did
-    not give explicitly, then check the shared flags. Returns the args namespace."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Parse, resolve the preset, then check the shared flags. Returns the args namespace.
+
+    args.preset: 'paper' by default for an image data set in `presets` (one the paper
+    reports), 'small' otherwise. Under 'paper', presets[dataset] sets every flag the user did
+    not give. args.given lists the flags given explicitly; args.fid_split defaults to 'test'."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    presets = presets or {}
+    if args.dataset not in TOYS + IMAGE_DATASETS:
+        raise UserError(f"unknown dataset '{args.dataset}': choose one of {', '.join(TOYS + IMAGE_DATASETS)}")
+    given = given_flags(parser, argv)
+    if args.preset is None:
+        args.preset = "paper" if args.dataset in IMAGE_DATASETS and args.dataset in presets else "small"
     if args.preset == "paper":
-        if not presets or args.dataset not in presets:
+        if args.dataset not in presets:
             raise UserError(f"--preset paper has no setting for '{args.dataset}': use one of "
-                            f"{', '.join(presets or [])}")
-        given = {a.split("=")[0] for a in argv if a.startswith("--")}
+                            f"{', '.join(presets)}, or --preset small")
         for key, value in presets[args.dataset].items():
-            if "--" + key.replace("_", "-") not in given:
+            if key not in given:
                 setattr(args, key, value)
+    args.given = sorted(given)
+    if args.fid_split is None:
+        args.fid_split = "test"
     for name in ("steps", "batch_size", "fid_samples", "log_every", "ckpt_every"):
         value = getattr(args, name, None)
         if value is not None and (value < 0 or (value == 0 and name != "steps" and name != "fid_samples")):
             raise UserError(f"--{name.replace('_', '-')} must be positive (got {value})")
-    if args.dataset not in TOYS + IMAGE_DATASETS:
-        raise UserError(f"unknown dataset '{args.dataset}': choose one of {', '.join(TOYS + IMAGE_DATASETS)}")
     return args
+
+
+def param_count(module):
+    """Number of parameters of an nn.Module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def print_config(args, networks):
+    """--print-config: print the resolved configuration (args.json's content) with `preset`
+    and `params` ({name: parameter count} of `networks`) as one JSON object, and exit 0.
+    Call it after the networks are built and before any data or file is touched."""
+    if not getattr(args, "print_config", False):
+        return
+    config = {k: v for k, v in vars(args).items() if k != "print_config"}
+    config["params"] = {name: param_count(net) for name, net in networks.items()}
+    print(json.dumps(config, indent=2, default=str))
+    raise SystemExit(0)
 
 
 def check_positive(args, *names):
@@ -1020,13 +1212,33 @@ def seed_everything(seed):
 
 
 def pick_device(name="auto"):
+    """The torch.device for --device. On CUDA: cuDNN picks its fastest kernels
+    (cudnn.benchmark), and TF32 is off, so fp32 means fp32 (Langevin steps, log-densities);
+    --amp bf16 is the one switch to lower precision."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is visible: use --device cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if os.environ.get("EBM_SYNC_DEBUG"):  # tests/gpu_check.py counts host syncs this way
+            import warnings
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if name == "cuda" and dist.is_initialized():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+def autocast(amp, device):
+    """The one mixed-precision switch (--amp): bf16 autocast around network forward passes,
+    a no-op for 'none'. Callers cast the network's output back with .float() before it
+    enters a Langevin step, a division by a small step size or a log-density."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def init_distributed():
@@ -1062,6 +1274,45 @@ def mean_over_ranks(x):
     return x.item()
 
 
+def rank_share(n):
+    """This rank's share of n items (the shares of all ranks sum to n)."""
+    if not dist.is_initialized():
+        return n
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return n // world + (rank < n % world)
+
+
+def gather_rows(x):
+    """A collective: every rank's x [n_rank, ...] (n_rank may differ) concatenated in rank
+    order on rank 0; other ranks get None. Without torch.distributed: x."""
+    if not dist.is_initialized():
+        return x
+    world = dist.get_world_size()
+    sizes = [None] * world
+    dist.all_gather_object(sizes, len(x))
+    pad = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)
+    pad[: len(x)] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    if dist.get_rank() != 0:
+        return None
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+
+def agree(message, error=UserError):
+    """A collective for a check that only some ranks can make (rank 0's file writes): when
+    any rank passes a message, every rank raises `error` with the first one, so all stop
+    together with the same line instead of waiting in their next collective."""
+    if dist.is_initialized():
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m), None)
+    if message:
+        e = error(message)
+        e.on_all_ranks = dist.is_initialized()  # main_guard prints it on rank 0 only
+        raise e
+
+
 def average_gradients(params):
     """Data parallelism: all-reduce (mean) the .grad of params across ranks in one call.
 
@@ -1084,8 +1335,8 @@ def average_gradients(params):
 
 def prepare_out_dir(args, script):
     """Resolve args.out (default runs/SCRIPT-DATASET), create it, and enforce the rules:
-    a fresh run never overwrites a checkpoint; --resume / --eval-only need one. Writes
-    args.json (rank 0). Returns the folder's Path."""
+    a fresh run never overwrites a checkpoint; --resume / --eval-only need one. A fresh run
+    writes args.json (rank 0). Returns the folder's Path."""
     out = Path(args.out or f"runs/{script}-{args.dataset}")
     args.out = str(out)
     ckpt = out / "checkpoint.pt"
@@ -1094,16 +1345,19 @@ def prepare_out_dir(args, script):
                         "train first, or point --out at the run folder")
     if not (args.resume or args.eval_only) and ckpt.exists():
         raise UserError(f"{ckpt} exists: add --resume to continue that run, or choose a new --out")
+    message = None
     if is_main():
         try:
             out.mkdir(parents=True, exist_ok=True)
+            if not (args.resume or args.eval_only):  # a resumed run's configuration is its checkpoint's
+                config = {k: v for k, v in vars(args).items() if k != "print_config"}
+                (out / "args.json").write_text(json.dumps(config, indent=2) + "\n")
             probe = out / ".write_test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"cannot write to {out} ({e.strerror}): choose another --out") from None
-        if not args.eval_only:
-            (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+            message = f"cannot write to {out} ({e.strerror}): choose another --out"
+    agree(message)  # every rank stops on rank 0's error
     return out
 
 
@@ -1157,31 +1411,44 @@ def _non_finite(obj, where="checkpoint"):
 
 
 def save_checkpoint(path, state):
-    """torch.save(state) to a temp file in the same folder, fsync, then os.replace: a crash
-    at any moment leaves either the old or the new checkpoint, never half of one."""
-    if not is_main():
-        return
+    """torch.save(state) to a temp file in the same folder, fsync, os.replace, fsync the
+    folder: a crash at any moment leaves either the old or the new checkpoint, never half of
+    one. A collective under torchrun (every rank checks the state; rank 0 writes; an error on
+    either stops all ranks with the same line)."""
     bad = _non_finite(state)
+    message = None
     if bad:  # never replace the last good checkpoint with a diverged one
-        raise Diverged(f"not saving a checkpoint with non-finite values in {bad}; any earlier checkpoint "
-                       "is kept. Lower the learning rate or the Langevin step size and --resume")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        message = (f"not saving a checkpoint with non-finite values in {bad}; any earlier checkpoint "
+                   "is kept. Lower the learning rate or the Langevin step size and --resume")
+    elif is_main():
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would give
+            os.replace(tmp, path)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself survives a power cut
+            finally:
+                os.close(folder)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            message = f"cannot write {path} ({e.strerror}): free some space or choose another --out, then --resume"
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    agree(message, Diverged if bad else UserError)
 
 
-def load_checkpoint(path, script, args=None, must_match=(), missing=None):
+def load_checkpoint(path, script, args=None, must_match=()):
     """torch.load(path, weights_only=True) with one-line errors: a corrupt or foreign file,
-    a checkpoint of another script, or one whose args differ in a `must_match` key.
-    missing: {key: value} that checkpoints written before a flag existed implicitly used."""
+    a checkpoint of another script, or one whose args differ in a `must_match` key."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1190,8 +1457,6 @@ def load_checkpoint(path, script, args=None, must_match=(), missing=None):
     if not isinstance(state, dict) or state.get("script") != script:
         other = state.get("script") if isinstance(state, dict) else None
         raise UserError(f"{path} was written by {other or 'something else'}, not {script}.py: choose a new --out")
-    for key, value in (missing or {}).items():
-        state["args"].setdefault(key, value)
     for key in must_match:
         saved, now = state["args"].get(key), getattr(args, key, None)
         if saved != now:
@@ -1218,8 +1483,8 @@ def make_ema(model):
 @torch.no_grad()
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model (parameters); buffers are copied."""
-    ema_p, model_p = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 
@@ -1250,13 +1515,17 @@ class StopFlag:
             print("\nstopping: training saves a checkpoint after this step and exits; an evaluation under "
                   "way runs to its end (Ctrl-C again to abort)", file=sys.stderr)
 
-    def should_stop(self):
+    def should_stop(self, step=0, every=20):
         """Whether to save and leave now. Under torchrun the signal reaches the ranks at
         different moments, and a rank that left alone would hang the others in their next
-        all-reduce: so this is a collective, true on every rank once any rank was signalled.
-        Call it once per step at the same point on every rank and use its answer all step."""
+        all-reduce: so every `every` steps this is a collective (one small all-reduce, the
+        only host sync it costs), true on every rank once any rank was signalled; between
+        those steps it is False everywhere. Call it once per step, with the same step on
+        every rank."""
         if not dist.is_initialized():
             return self.requested
+        if step % every:
+            return False
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([float(self.requested)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -1282,6 +1551,8 @@ class Logger:
         rate = (step - self.step0) * examples_per_step / max(now - self.t0, 1e-9)
         row = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()},
                "seconds": round(now - self.t0, 3), "samples_per_s": round(rate, 2)}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.bar is not None:
@@ -1309,15 +1580,29 @@ def write_metrics(out, metrics):
 
 def main_guard(main):
     """Run main(); a UserError becomes one line on stderr and exit status 2, an abort (a
-    second Ctrl-C, or one before StopFlag is set up) one line and status 130."""
+    second Ctrl-C, or one before StopFlag is set up) one line and status 130. Under torchrun
+    an error raised on every rank at once (see agree) is printed by rank 0 alone; a rank
+    whose peer died prints one line pointing at the peer's error, not a traceback."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main() or not getattr(e, "on_all_ranks", False):
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\naborted: checkpoints already written are intact (--resume continues from the last)", file=sys.stderr)
         sys.exit(130)
+    except (RuntimeError, dist.DistError) as e:
+        if not dist.is_initialized() or not _peer_gone(e):
+            raise
+        print(f"error: rank {dist.get_rank()} stopped: another rank failed (its error is above)", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _peer_gone(e):
+    text = str(e).lower()
+    return any(k in text for k in ("connection closed by peer", "connection reset", "broken pipe",
+                                   "nccl communicator was aborted", "socket timeout", "closed"))

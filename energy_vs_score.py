@@ -10,17 +10,28 @@ sampling (Eq. 3), EMA, gradient clipping and warm-up; and the three noise models
                            eps_hat = sigma_t grad_x E                   (Eq. 6, both terms)
   C  energy ResNet         E = g(x, t) / sigma_t, g a classifier-style ResNet (no input
                            short-cuts), eps_hat = sigma_t grad_x E
-where A and B use the same network f (same code, same initial weights). 2-D toys use MLP
-versions (f: R^2 -> R^2 for A and B, g: R^2 -> R for C). Section 2's conservativeness is
-measured (`--diagnose`): the relative asymmetry ||J - J^T||_F / ||J||_F of the Jacobian of
-eps_hat by random projections, and the circulation of eps_hat around small loops, per
-noise level t. `--model all` trains A, B and C on the same batches, noise and budget and
-prints the comparison table (the paper's Table 1).
+where A and B use the same network f (same code, same initial weights: DDPM's
+initialisation, `ddpm_init`). 2-D toys use MLP versions (f: R^2 -> R^2 for A and B,
+g: R^2 -> R for C). Section 2's conservativeness is measured (`--diagnose`): the relative
+asymmetry ||J - J^T||_F / ||J||_F of the Jacobian of eps_hat by random projections, and the
+circulation of eps_hat around small loops, per noise level t. `--model all` trains A, B
+and C on the same batches, noise and budget and prints the comparison table (Table 1).
 
 Sampling is DDPM ancestral sampling (Eq. 3), not Langevin dynamics; for reference the
 project's Langevin convention is x <- x + (s^2/2) grad log p(x) + s * noise; Eq. 3 is
 x <- (x + beta_t * score) / sqrt(alpha_t) + sqrt(beta_t) * noise with score =
 -eps_hat / sigma_t, which resembles (the paper's word) such a step with s^2 = 2 beta_t.
+For images the predicted x_0 is clipped to [-1, 1] in each step (`--clip-x0`, DDPM's
+sampler, the one behind its FID numbers); the mean is then the posterior mean of
+q(x_{t-1} | x_t, x_0) at the clipped x_0, which equals Eq. 3's mean when nothing is clipped.
+
+Evaluation protocol under --preset paper (checked at start-up): FID of 50,000 samples
+(1000 ancestral steps, EMA weights, x_0 clipped) against the 50,000 CIFAR-10 TRAINING
+images (--fid-split train), DDPM's protocol, which the paper follows; IS on the same
+samples when torch-fidelity's weights can be had. Not in the paper: mnist / fashion
+(padded to 32 px, so the 4-level U-Net and attention at 16 px are CIFAR-10's) and celeba
+(64 px, ch_mult 1,2,2,2,4) presets, `--preset paper` asked for explicitly, with the same
+protocol against their training splits (60,000 and 162,770 images).
 
 Offline demo (8gaussians; 3000 steps of each model, then 2000 samples per model with a
 200-step strided sampler; the README gives measured numbers and times):
@@ -31,9 +42,11 @@ Section 2's diagnostics per noise level on untrained (or, with --eval-only, trai
     python energy_vs_score.py --model all --steps 0 --diagnose
 Fashion-MNIST (small U-Net, 16 channels, batch 16; ~1 s per B step on a busy 2-core CPU):
     python energy_vs_score.py --dataset fashion --model B --steps 500
-Full reproduction (CIFAR-10, one GPU per model, days):
-    python energy_vs_score.py --dataset cifar10 --preset paper --model all
+Full reproduction (CIFAR-10, --preset paper is its default; one GPU per model, days):
+    python energy_vs_score.py --dataset cifar10 --model all
+    torchrun --nproc_per_node=8 energy_vs_score.py --dataset cifar10 --model B
 """
+import argparse
 import contextlib
 import copy
 import math
@@ -41,7 +54,9 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 
@@ -55,18 +70,29 @@ MODELS = {"A": "A", "unconstrained": "A", "unconstrained_unet": "A",
 
 # Defaults that differ between 2-D toys and images (flags left at None get these).
 TOY_DEFAULTS = dict(steps=3000, batch_size=512, lr=1e-3, warmup=200, ema=0.995, ch=128,
-                    depth=3, dropout=0.0, sample_steps=200, eval_samples=2000)
+                    depth=3, dropout=0.0, sample_steps=200, eval_samples=2000, sample_batch=2000,
+                    clip_x0=False, pad_to_32=False)
 IMAGE_DEFAULTS = dict(steps=500, batch_size=16, lr=2e-4, warmup=100, ema=0.999, ch=16,
                       ch_mult="1,2,2", num_res_blocks=1, attn_res="", c_blocks=5, dropout=0.1,
-                      sample_steps=50)
-_PAPER = dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", c_blocks=8, dropout=0.1,
-              lr=2e-4, batch_size=128, warmup=5000, grad_clip=1.0, ema=0.9999, steps=300000,
-              fid_samples=50000, sample_steps=1000)
-PRESETS = {"cifar10": _PAPER,  # the paper: Ho et al.'s CIFAR-10 settings, 300k steps
-           # not in the paper: the same DDPM settings at 64 px (one more level) and at 28 px
-           "celeba": {**_PAPER, "ch_mult": "1,2,2,2,4"},
-           "mnist": {**_PAPER, "attn_res": "14", "fid_samples": 10000},
-           "fashion": {**_PAPER, "attn_res": "14", "fid_samples": 10000}}
+                      sample_steps=50, sample_batch=256, clip_x0=True, pad_to_32=False)
+# The paper (Sec. 4): Ho et al.'s CIFAR-10 setup, 300k steps, and DDPM's FID protocol; every
+# value that differs from IMAGE_DEFAULTS or from a flag's default is named here. A --model all
+# checkpoint (3 networks, their EMA and Adam moments) is ~1.7 GB: one every 10k steps.
+_CIFAR10 = dict(ch=128, ch_mult="1,2,2,2", num_res_blocks=2, attn_res="16", c_blocks=8, dropout=0.1,
+                lr=2e-4, batch_size=128, warmup=5000, grad_clip=1.0, ema=0.9999, steps=300000,
+                fid_samples=50000, fid_split="train", sample_steps=1000, sample_batch=256, clip_x0=True,
+                pad_to_32=False, var="large", ckpt_every=10000)
+PRESETS = {"cifar10": _CIFAR10,
+           # not in the paper: the CIFAR-10 U-Net on 28 px images padded to 32 ...
+           "mnist": {**_CIFAR10, "pad_to_32": True},
+           "fashion": {**_CIFAR10, "pad_to_32": True},
+           # ... and at 64 px with one more level (DDIM's CelebA-64 U-Net, Song et al. 2021)
+           "celeba": {**_CIFAR10, "ch_mult": "1,2,2,2,4"}}
+REPORTED = ("cifar10",)  # the paper's data sets: --preset paper is their default
+
+# Flags that change a model or the objective: --resume and --eval-only refuse others.
+MUST_MATCH = ("dataset", "model", "ch", "ch_mult", "num_res_blocks", "attn_res", "c_blocks", "depth",
+              "dropout", "pad_to_32", "T", "beta_1", "beta_T")
 
 
 def parse_args(argv=None):
@@ -78,25 +104,42 @@ def parse_args(argv=None):
     p.add_argument("--beta-1", type=float, default=1e-4, help="first beta of the linear schedule (paper: 1e-4)")
     p.add_argument("--beta-T", type=float, default=0.02, help="last beta of the linear schedule (paper: 0.02)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 2e-4; toys 1e-3)")
-    p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper: 5000)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="linear lr warm-up steps (paper: 5000; images here 100, toys 200)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper: 1.0)")
     p.add_argument("--ema", type=float, default=None,
-                   help="EMA decay of the sampling weights (paper: 0.9999; use ~0.999 for runs under 50k steps)")
+                   help="EMA decay of the sampling weights (paper: 0.9999; images here 0.999, toys 0.995; "
+                        "use ~0.999 for runs under 50k steps)")
     p.add_argument("--ch", type=int, default=None,
                    help="U-Net/ResNet base channels (paper: 128; images here 16) or MLP width on toys (128)")
-    p.add_argument("--ch-mult", default=None, help="channel multipliers per level (paper: 1,2,2,2)")
-    p.add_argument("--num-res-blocks", type=int, default=None, help="U-Net res blocks per level (paper: 2)")
-    p.add_argument("--attn-res", default=None, help="resolutions with self-attention in the U-Net (paper: 16)")
+    p.add_argument("--ch-mult", default=None,
+                   help="channel multipliers per level (paper: 1,2,2,2; images here 1,2,2); the image size "
+                        "must be divisible by 2^(levels - 1)")
+    p.add_argument("--num-res-blocks", type=int, default=None, help="U-Net res blocks per level (paper: 2; here 1)")
+    p.add_argument("--attn-res", default=None,
+                   help="resolutions (px) with self-attention in the U-Net, besides the middle block's "
+                        "(paper: 16; here none)")
     p.add_argument("--c-blocks", type=int, default=None,
-                   help="model C: ResNet blocks per level (8 at 128 channels ~ the U-Net's 36M parameters)")
+                   help="model C: ResNet blocks per level (8 under --preset paper: 34.8M parameters vs. the "
+                        "U-Net's 35.7M; here 5)")
     p.add_argument("--depth", type=int, default=None, help="toys: hidden layers of the MLPs (3)")
-    p.add_argument("--dropout", type=float, default=None, help="U-Net dropout (paper: 0.1)")
+    p.add_argument("--dropout", type=float, default=None, help="U-Net dropout (paper: 0.1; toys 0)")
+    p.add_argument("--pad-to-32", action=argparse.BooleanOptionalAction, default=None,
+                   help="mnist/fashion: pad the 28 px images to 32 (default: off; on under --preset paper, "
+                        "whose 4-level U-Net needs a size divisible by 8)")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="ancestral steps for evaluation (paper: 1000); fewer = strided (respaced) sampling")
+                   help="ancestral steps for evaluation (paper: 1000; images here 50, toys 200); fewer = "
+                        "strided (respaced) sampling")
     p.add_argument("--var", default="large", choices=["large", "small"],
                    help="reverse variance of Eq. 3: beta_t (large, DDPM's CIFAR-10 choice) or the posterior's")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x_0 to [-1, 1] in each sampling step (DDPM's sampler for its FID; "
+                        "default: on for images, off for toys, which are not in [-1, 1])")
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="samples drawn at once per GPU in evaluation (images 256, toys 2000; not in the paper); "
+                        "lower it if B or C run out of memory")
     p.add_argument("--eval-samples", type=int, default=None,
-                   help="samples per model for the metrics (toys 2000; images: --fid-samples)")
+                   help="samples per model for the metrics (toys 2000; images: --fid-samples, at least 16)")
     p.add_argument("--diagnose", action="store_true",
                    help="only the conservativeness diagnostics (Jacobian asymmetry and loop circulation per t; "
                         "with --steps 0 on untrained models)")
@@ -106,7 +149,11 @@ def parse_args(argv=None):
                    help="points per level for the diagnostics (toys 256, images 4)")
     p.add_argument("--diag-probes", type=int, default=None,
                    help="random projections per point (Hutchinson; toys 8, images 2: float64 on CPU is slow)")
-    args = common.parse_args(p, PRESETS, argv)
+    # The presets of data sets the paper does not report apply only when asked for, so that
+    # e.g. --dataset fashion stays the CPU-sized run (common.parse_args makes 'paper' the
+    # default for every image data set it is given a preset for).
+    asked = p.parse_args(argv).preset == "paper"
+    args = common.parse_args(p, PRESETS if asked else {k: PRESETS[k] for k in REPORTED}, argv)
     args.model = MODELS[args.model]
     toy = args.dataset in common.TOYS
     for key, value in (TOY_DEFAULTS if toy else IMAGE_DEFAULTS).items():
@@ -118,18 +165,64 @@ def parse_args(argv=None):
         args.diag_batch = 256 if toy else 4
     if args.diag_probes is None:
         args.diag_probes = 8 if toy else 2
+    check_args(args, toy)
+    return args
+
+
+def check_args(args, toy):
+    """One-line errors for values that cannot run, before any data or network exists."""
     common.check_positive(args, "T", "beta_1", "beta_T", "lr", "grad_clip", "ch", "sample_steps",
-                          "eval_samples", "diag_batch", "diag_probes")
+                          "eval_samples", "diag_batch", "diag_probes", "sample_batch")
     if not 0 <= args.ema < 1:
         raise common.UserError(f"--ema must be in [0, 1) (got {args.ema})")
     if not args.beta_1 < args.beta_T < 1:
         raise common.UserError("need 0 < --beta-1 < --beta-T < 1")
     if args.sample_steps > args.T:
         raise common.UserError(f"--sample-steps {args.sample_steps} exceeds --T {args.T}")
-    args.diag_t_list = [int(s) for s in args.diag_t.split(",")]
+    try:
+        args.diag_t_list = [int(s) for s in args.diag_t.split(",")]
+    except ValueError:
+        raise common.UserError(f"--diag-t takes comma-separated integers (got '{args.diag_t}')") from None
     if not all(1 <= t <= args.T for t in args.diag_t_list):
         raise common.UserError(f"--diag-t levels must lie in 1..{args.T}")
-    return args
+    if args.pad_to_32 and args.dataset not in ("mnist", "fashion"):
+        raise common.UserError(f"--pad-to-32 is for the 28 px mnist/fashion, not {args.dataset}: drop it")
+    if toy:
+        if args.clip_x0:
+            raise common.UserError("--clip-x0 clips to the image range [-1, 1], which a 2-D toy is not in: "
+                                   "drop it")
+        return
+    check_levels(args, common.image_shape(args.dataset, args.pad_to_32)[-1])
+
+
+def check_levels(args, size):
+    """The U-Net halves the image len(ch_mult) - 1 times and its up path doubles it back
+    onto each skip, so the size must be divisible by 2^(levels - 1) (28 px and 4 levels:
+    28 -> 14 -> 7 -> 4, and the 8 px upsample cannot meet the 7 px skip); attention
+    resolutions must be ones the U-Net visits. Model C avg-pools and needs >= 1 px."""
+    try:
+        ch_mult = [int(m) for m in args.ch_mult.split(",")]
+        attn = [int(r) for r in args.attn_res.split(",") if r.strip()]
+    except ValueError:
+        raise common.UserError(f"--ch-mult and --attn-res are comma-separated integers (got "
+                               f"'{args.ch_mult}', '{args.attn_res}')") from None
+    if not ch_mult or min(ch_mult) < 1:
+        raise common.UserError(f"--ch-mult needs positive multipliers (got '{args.ch_mult}')")
+    halvings = len(ch_mult) - 1
+    if args.model != "C" and size % 2 ** halvings:
+        sizes = [size]
+        for _ in range(halvings):
+            sizes.append((sizes[-1] + 1) // 2)  # a stride-2 3x3 conv with padding 1: ceil(H / 2)
+        fix = "add --pad-to-32 or use fewer levels" if size == 28 else "use fewer levels"
+        raise common.UserError(
+            f"--ch-mult {args.ch_mult} halves the {size} px images {halvings} times "
+            f"({' -> '.join(map(str, sizes))}): the U-Net needs a size divisible by {2 ** halvings}; {fix}")
+    if size < 2 ** halvings:
+        raise common.UserError(f"--ch-mult {args.ch_mult} halves the {size} px images below 1 px: use fewer levels")
+    levels = [size // 2 ** i for i in range(len(ch_mult))]
+    if args.model != "C" and any(r not in levels for r in attn):
+        raise common.UserError(f"--attn-res {args.attn_res}: the U-Net's resolutions are "
+                               f"{', '.join(map(str, levels))} px; choose among them (or '' for none)")
 
 
 # ======================================================================================
@@ -137,17 +230,19 @@ def parse_args(argv=None):
 # ======================================================================================
 
 def load_data(args):
-    """Images: float [N, C, H, W] in [-1, 1] (mnist/fashion at 28 px); toys: None (fresh
-    samples are drawn every step from the global torch RNG)."""
+    """Images: uint8 [N, C, H, W] (a tensor, or common's lazily read folder for celeba /
+    lsun); mnist/fashion at 28 px unless --pad-to-32. Toys: None (fresh samples are drawn
+    every step from the global torch RNG)."""
     if args.dataset in common.TOYS:
         return None
-    return common.to_float(common.load_images(args.dataset, args.data_dir, "train"))
+    x = common.load_images(args.dataset, args.data_dir, "train", pad_to_32=args.pad_to_32)
+    return x if isinstance(x, torch.utils.data.Dataset) else torch.as_tensor(x)
 
 
 def draw_x0(args, data, batches, n, device):
     if data is None:
         return common.toy_sample(args.dataset, n).to(device)
-    x0 = next(batches).to(device)
+    x0 = common.to_float(next(batches)).to(device)
     return common.random_flip(x0) if args.dataset in ("cifar10", "celeba") else x0  # DDPM flips CIFAR-10
 
 
@@ -167,6 +262,30 @@ class ToyMLP(nn.Module):
         return self.net(torch.cat([x, common.timestep_embedding(t, self.temb_dim)], 1)).squeeze(-1)
 
 
+def ddpm_init(net):
+    """DDPM's initialisation of its U-Net (Ho et al.'s code, diffusion_tf/nn.py): every conv
+    and dense layer variance_scaling(1, 'fan_avg', 'uniform'), i.e. Glorot/Xavier uniform,
+    with zero biases; q, k and v are separate C x C layers there, so the fused qkv conv is
+    initialised in three parts. Scale 1e-10 (DDPM's init_scale=0.) on the output conv, on
+    each residual block's last conv and on each attention's output projection, so f starts
+    near 0 and every block near the identity. GroupNorm keeps (1, 0). Returns net."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in net.modules():
+            if isinstance(m, common.Attention):
+                for w in m.qkv.weight.chunk(3):
+                    nn.init.xavier_uniform_(w)
+        near_zero = [net.out[-1]] + [m.conv2 for m in net.modules() if isinstance(m, common.UNetResBlock)]
+        near_zero += [m.proj for m in net.modules() if isinstance(m, common.Attention)]
+        for layer in near_zero:
+            # variance_scaling(scale): uniform on +-sqrt(3 scale / fan_avg) = Glorot's bound x sqrt(scale)
+            nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(1e-10))
+    return net
+
+
 def build_net(name, args, shape):
     """f for A and B (the same network), g for C. shape: one example's shape."""
     if len(shape) == 1:
@@ -177,12 +296,12 @@ def build_net(name, args, shape):
         # with a vector from the time embedding). SiLU everywhere, also before the sum where
         # EnergyResNet's default is ReLU: a piecewise-linear E has a piecewise-constant
         # gradient, i.e. eps_hat would not depend smoothly on x (our choice; the paper gives
-        # no details).
+        # no details). Its own initialisation is already Glorot-uniform with zero biases.
         return common.EnergyResNet(shape[0], args.ch, ch_mult, args.c_blocks, time_embed=True,
                                    act=nn.SiLU(), final_act=nn.SiLU())
-    attn = tuple(int(r) for r in args.attn_res.split(",") if r)
-    return common.UNet(in_ch=shape[0], ch=args.ch, ch_mult=ch_mult, num_res_blocks=args.num_res_blocks,
-                       attn_res=attn, dropout=args.dropout, resolution=shape[-1])
+    attn = tuple(int(r) for r in args.attn_res.split(",") if r.strip())
+    return ddpm_init(common.UNet(in_ch=shape[0], ch=args.ch, ch_mult=ch_mult, num_res_blocks=args.num_res_blocks,
+                                 attn_res=attn, dropout=args.dropout, resolution=shape[-1]))
 
 
 def _col(v, x):
@@ -190,29 +309,41 @@ def _col(v, x):
     return v.reshape(-1, *([1] * (x.dim() - 1))).to(x)
 
 
-def energy(name, net, x, t, sigma_t):
+def math_attention(enabled=True):
+    """SDPA's math kernel inside: the fused (flash, memory-efficient) attention kernels have
+    no double backward, which B's loss (and the Jacobian diagnostics) take through f."""
+    return sdpa_kernel(SDPBackend.MATH) if enabled else contextlib.nullcontext()
+
+
+def energy(name, net, x, t, sigma_t, amp="none"):
     """E(x, t) [B] for the energy models. B: Eq. 5. C: g(x, t) / sigma_t (the same 1/sigma_t
-    scale as Eq. 5, so g's gradient is O(1) at every t)."""
+    scale as Eq. 5, so g's gradient is O(1) at every t). Under --amp bf16 only the network
+    runs in bf16; its output is cast back, so E and grad_x E are in x's precision."""
+    with common.autocast(amp, x.device):
+        out = net(x, t)
+    out = out.to(x.dtype)
     if name == "B":
-        return (x - net(x, t)).flatten(1).pow(2).sum(1) / (2 * sigma_t)  # Eq. 5
-    return net(x, t) / sigma_t
+        return (x - out).flatten(1).pow(2).sum(1) / (2 * sigma_t)  # Eq. 5
+    return out / sigma_t
 
 
-def eps_hat(name, net, x, t, sigma_t, create_graph=False):
+def eps_hat(name, net, x, t, sigma_t, create_graph=False, amp="none"):
     """The noise prediction eps_hat(x, t) = -sigma_t * score.
 
     x [B, ...]; t [B] integer level in 0..T-1 (the paper's t - 1); sigma_t [B] =
     sqrt(1 - alpha_bar_t). create_graph=True (training, diagnostics) keeps the graph of
     grad_x E so that a loss on eps_hat trains E by double backpropagation; sampling uses
     False. x must reach the network untouched (no detach, no cast), or grad_x E silently
-    loses the second term of Eq. 6.
+    loses the second term of Eq. 6. amp: 'bf16' autocasts the network's forward only.
     """
     if name == "A":
-        return x - net(x, t)  # Eq. 6, first term only (times sigma_t)
+        with common.autocast(amp, x.device):
+            out = net(x, t)
+        return x - out.to(x.dtype)  # Eq. 6, first term only (times sigma_t)
     if not x.requires_grad:  # a plain input: make it a leaf we can differentiate against
         x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        E = energy(name, net, x, t, sigma_t)
+    with torch.enable_grad(), math_attention(create_graph):
+        E = energy(name, net, x, t, sigma_t, amp)
         (grad_E,) = torch.autograd.grad(E.sum(), x, create_graph=create_graph)
     return _col(sigma_t, x) * grad_E  # Eq. 6: eps_hat = sigma_t grad_x E
 
@@ -222,7 +353,8 @@ def eps_hat(name, net, x, t, sigma_t, create_graph=False):
 # ======================================================================================
 
 def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
-    """Linear betas (Ho et al. 2020) in float64, index 0..T-1 = the paper's t = 1..T."""
+    """Linear betas (Ho et al. 2020) in float64, index 0..T-1 = the paper's t = 1..T.
+    main() moves it to the device once; the functions below index it where it lives."""
     beta = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
     alpha = 1 - beta
     alpha_bar = torch.cumprod(alpha, 0)
@@ -231,15 +363,14 @@ def ddpm_schedule(T=1000, beta_1=1e-4, beta_T=0.02):
 
 def q_sample(sched, x0, t, eps):
     """x_t = sqrt(alpha_bar_t) x0 + sigma_t eps, a draw of q(x_t | x0) (p~_t in Sec. 1)."""
-    a = sched["alpha_bar"].to(x0.device)[t].sqrt()
-    return _col(a, x0) * x0 + _col(sched["sigma"].to(x0.device)[t], x0) * eps
+    return _col(sched["alpha_bar"][t].sqrt(), x0) * x0 + _col(sched["sigma"][t], x0) * eps
 
 
-def ddpm_loss(name, net, sched, x0, t, eps):
-    """||eps - eps_hat(x_t, t)||^2, mean over batch and dimensions."""
+def ddpm_loss(name, net, sched, x0, t, eps, amp="none"):
+    """||eps - eps_hat(x_t, t)||^2, mean over batch and dimensions (in x0's precision)."""
     x_t = q_sample(sched, x0, t, eps)
-    sigma_t = sched["sigma"].to(x0.device)[t].to(x0.dtype)
-    return (eps - eps_hat(name, net, x_t, t, sigma_t, create_graph=True)).pow(2).mean()
+    sigma_t = sched["sigma"][t].to(x0.dtype)
+    return (eps - eps_hat(name, net, x_t, t, sigma_t, create_graph=True, amp=amp)).pow(2).mean()
 
 
 # ======================================================================================
@@ -249,47 +380,63 @@ def ddpm_loss(name, net, sched, x0, t, eps):
 def respaced(sched, n_steps):
     """The timesteps S (n_steps of 0..T-1, evenly spaced, always including T-1 and 0) and
     the respaced betas beta'_k = 1 - alpha_bar_{S_k} / alpha_bar_{S_{k-1}} (Nichol &
-    Dhariwal 2021, Sec. 4): DDPM on a sub-sequence. n_steps = T gives DDPM exactly."""
-    T = len(sched["beta"])
+    Dhariwal 2021, Sec. 4): DDPM on a sub-sequence. n_steps = T gives DDPM exactly.
+    CPU float64 tensors, wherever sched lives."""
+    abar_all = sched["alpha_bar"].detach().cpu().double()
+    T = len(abar_all)
     S = torch.linspace(0, T - 1, n_steps, dtype=torch.float64).round().long().unique()
-    abar = sched["alpha_bar"][S]
+    abar = abar_all[S]
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return S, 1 - abar / abar_prev, abar, abar_prev
 
 
+def reverse_mean(x, eps, beta, abar, abar_prev, clip_x0=False):
+    """The mean of one ancestral step from x_t (Python-float coefficients of the level).
+    Without clipping Eq. 3's (x - beta_t / sigma_t eps) / sqrt(alpha_t). With clip_x0, as
+    DDPM's code samples: x0_hat = (x - sigma_t eps) / sqrt(alpha_bar_t) clipped to [-1, 1],
+    then the mean of the posterior q(x_{t-1} | x_t, x0_hat) (Ho et al. Eq. 7); the two are
+    the same function of x and eps when nothing is clipped."""
+    alpha = 1 - beta
+    if not clip_x0:
+        return (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(alpha)  # Eq. 3, the mean
+    x0_hat = ((x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)).clamp(-1, 1)
+    return (math.sqrt(abar_prev) * beta * x0_hat + math.sqrt(alpha) * (1 - abar_prev) * x) / (1 - abar)
+
+
 @torch.no_grad()
-def sample(eps_fn, shape, sched, n_steps, var="large", device="cpu", generator=None):
+def sample(eps_fn, shape, sched, n_steps, var="large", device="cpu", generator=None, clip_x0=False):
     """DDPM ancestral sampling (Eq. 3) from x_T ~ N(0, I) with the eps predictor
-    eps_fn(x [B, ...], t [B]) -> [B, ...]; n_steps < T runs it on respaced betas."""
-    S, beta, abar, abar_prev = respaced(sched, n_steps)
-    x = torch.randn(shape, generator=generator).to(device)
+    eps_fn(x [B, ...], t [B]) -> [B, ...]; n_steps < T runs it on respaced betas. The
+    noise is drawn on `device` (generator: one of that device, for reproducible draws);
+    the state stays in the default dtype (fp32) whatever precision eps_fn runs in."""
+    S, beta, abar, abar_prev = (v.tolist() for v in respaced(sched, n_steps))
+    x = torch.randn(shape, generator=generator, device=device)
     for k in reversed(range(len(S))):
-        t = torch.full((shape[0],), int(S[k]), dtype=torch.long, device=device)
-        eps = eps_fn(x, t).detach()
-        alpha_k = 1 - beta[k]
-        x = (x - float(beta[k] / (1 - abar[k]).sqrt()) * eps) / math.sqrt(alpha_k)  # Eq. 3, the mean
+        t = torch.full((shape[0],), S[k], dtype=torch.long, device=device)
+        eps = eps_fn(x, t).detach().to(x.dtype)
+        x = reverse_mean(x, eps, beta[k], abar[k], abar_prev[k], clip_x0)
         if k > 0:
             # Eq. 3 writes the reverse std as sigma_t (not the noise level of Eq. 5)
             tau2 = beta[k] if var == "large" else beta[k] * (1 - abar_prev[k]) / (1 - abar[k])
-            x = x + math.sqrt(float(tau2)) * torch.randn(shape, generator=generator).to(device)
+            x = x + math.sqrt(tau2) * torch.randn(shape, generator=generator, device=device)
     return x
 
 
-def model_eps_fn(name, net, sched):
+def model_eps_fn(name, net, sched, amp="none"):
     sigma = sched["sigma"]
-    return lambda x, t: eps_hat(name, net, x, t, sigma.to(x.device)[t].float())
+    return lambda x, t: eps_hat(name, net, x, t, sigma[t].to(x.dtype), amp=amp)
 
 
 # ======================================================================================
 # Training
 # ======================================================================================
 
-def train_step(name, net, opt, sched, x0, t, eps, lr, grad_clip):
+def train_step(name, net, opt, sched, x0, t, eps, lr, grad_clip, amp="none"):
     """One optimiser step of model `name` on (x0, t, eps); returns (loss, grad norm) as
     tensors (no host sync). Gradients are averaged over ranks under torchrun."""
     for group in opt.param_groups:
         group["lr"] = lr
-    loss = ddpm_loss(name, net, sched, x0, t, eps)
+    loss = ddpm_loss(name, net, sched, x0, t, eps, amp)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = list(net.parameters())
@@ -305,14 +452,21 @@ def ema_decay(step, decay):
     return min(decay, (1 + step) / (10 + step))
 
 
-def build_models(args, shape, device):
-    """{name: {"net", "ema", "opt"}}; each model is built right after seeding with --seed,
-    so A's and B's f start from identical weights."""
-    names = ["A", "B", "C"] if args.model == "all" else [args.model]
-    models = {}
-    for name in names:
+def build_models(args, shape):
+    """{name: network} on the CPU at the resolved size; each is built right after seeding
+    with --seed, so A's and B's f start from identical weights."""
+    nets = {}
+    for name in (["A", "B", "C"] if args.model == "all" else [args.model]):
         common.seed_everything(args.seed)
-        net = build_net(name, args, shape).to(device)
+        nets[name] = build_net(name, args, shape)
+    return nets
+
+
+def place_models(nets, args, device):
+    """{name: {"net", "ema", "opt"}} on device, every rank starting from rank 0's weights."""
+    models = {}
+    for name, net in nets.items():
+        net = net.to(device)
         common.broadcast_params(net)
         models[name] = {"net": net, "ema": common.make_ema(net),
                         "opt": torch.optim.Adam(net.parameters(), lr=args.lr)}
@@ -321,7 +475,8 @@ def build_models(args, shape, device):
 
 def train(args, models, sched, data, batches, shape, device, out, start, checkpoint, world):
     """The training loop for every model in `models` on the same batches and noise.
-    Returns False when stopped by a signal (checkpoint saved)."""
+    Returns False when stopped by a signal (checkpoint saved). Host syncs (.item()) only
+    at log and checkpoint steps."""
     logger = common.Logger(out, args.steps, initial=start)
     stop = common.StopFlag()
     losses = {}
@@ -332,12 +487,12 @@ def train(args, models, sched, data, batches, shape, device, out, start, checkpo
         eps = torch.randn_like(x0)
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))  # linear warm-up
         for name, m in models.items():
-            losses[name] = train_step(name, m["net"], m["opt"], sched, x0, t, eps, lr, args.grad_clip)
+            losses[name] = train_step(name, m["net"], m["opt"], sched, x0, t, eps, lr, args.grad_clip, args.amp)
             common.ema_update(m["ema"], m["net"], ema_decay(step, args.ema))
         logger.update()
         done = step + 1
         log_now = done % args.log_every == 0 or done == args.steps
-        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        stopping = stop.should_stop(done)  # every rank agrees (torchrun)
         ckpt_now = done % args.ckpt_every == 0 or done == args.steps or stopping
         if log_now or ckpt_now:  # never checkpoint a diverged model
             sfx = (lambda n: "") if len(models) == 1 else (lambda n: "_" + n)
@@ -371,7 +526,7 @@ def jvp_vjp(fn, x, v):
     """(J v, J^T v) of fn at x [B, ...] for directions v, J = d fn / dx per example, by
     reverse mode only (the double-vjp trick: J^T u is linear in u, and its vjp is J v)."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), math_attention():
         y = fn(x)
         u = torch.zeros_like(y, requires_grad=True)
         (JTu,) = torch.autograd.grad(y, x, u, create_graph=True)
@@ -443,7 +598,7 @@ def diagnose(name, net, sched, args, x0, t_levels, loops=True):
 
 def _diagnose_level(name, net64, sched, args, x0, t1, loops, gen, d):
     t = torch.full((len(x0),), t1 - 1, dtype=torch.long, device=x0.device)
-    sigma_t = sched["sigma"].to(x0.device)[t]
+    sigma_t = sched["sigma"][t].to(x0.dtype)
     eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
     x_t = q_sample(sched, x0, t, eps)
     fn = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=True)
@@ -465,7 +620,7 @@ def measure_step(name, net, sched, x0, t, eps, args, device, repeats=3):
     per storage: a lower bound of the step's activation memory."""
     net = copy.deepcopy(net).train()
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    step = lambda: train_step(name, net, opt, sched, x0, t, eps, args.lr, args.grad_clip)
+    step = lambda: train_step(name, net, opt, sched, x0, t, eps, args.lr, args.grad_clip, args.amp)
     step()  # warm-up (allocations, kernels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -499,35 +654,47 @@ def heldout_batch(args, data, n, device, seed):
     if data is None:
         x0 = common.toy_sample(args.dataset, n, generator=gen)
     else:
-        x0 = data[torch.randint(len(data), (n,), generator=gen)]
+        x0 = common.to_float(data[torch.randint(len(data), (n,), generator=gen)])
     t = torch.randint(args.T, (n,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     return x0.to(device), t.to(device), eps.to(device)
 
 
-def draw_samples(name, net, sched, args, shape, n, device, n_steps):
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    eps_fn = model_eps_fn(name, net, sched)
-    out, bs = [], 2000 if len(shape) == 1 else 50
-    for i in range(0, n, bs):
-        out.append(sample(eps_fn, (min(bs, n - i), *shape), sched, n_steps, args.var, device, gen).cpu())
-    return torch.cat(out)
+def draw_samples(name, net, sched, args, shape, n, device, n_steps, shared=True):
+    """n samples [n, ...] on the CPU, in batches of --sample-batch. shared=True: a collective
+    under torchrun, each rank drawing its share with its own generator (on the device) and
+    rank 0 receiving all n (other ranks: None); shared=False: this rank draws all n."""
+    rank = dist.get_rank() if shared and dist.is_initialized() else 0
+    n_here = common.rank_share(n) if shared else n
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2 + 10007 * rank)
+    eps_fn = model_eps_fn(name, net, sched, args.amp)
+    out, bs = [torch.empty(0, *shape, device=device)], args.sample_batch
+    for i in range(0, n_here, bs):
+        out.append(sample(eps_fn, (min(bs, n_here - i), *shape), sched, n_steps, args.var, device, gen,
+                          args.clip_x0))
+    x = torch.cat(out)
+    x = common.gather_rows(x) if shared else x
+    return None if x is None else x.cpu()
 
 
 def evaluate(name, m, sched, args, data, shape, device):
-    """The comparison's metrics of one model (EMA weights): sample quality, held-out loss,
-    Jacobian asymmetry, cost of a training step. Returns ({metric: value}, samples)."""
+    """The comparison's metrics of one model (EMA weights): sample quality, held-out loss
+    (512 toy points / 64 images, at most --eval-samples), Jacobian asymmetry, cost of a
+    training step. Returns ({metric: value}, samples; None on ranks other than 0)."""
     ema = m["ema"]
-    metrics = {"params": sum(p.numel() for p in ema.parameters())}
-    x0, t, eps = heldout_batch(args, data, 512 if data is None else 64, device, args.seed + 3)
+    metrics = {"params": common.param_count(ema)}
+    n_heldout = min(512 if data is None else 64, args.eval_samples)
+    x0, t, eps = heldout_batch(args, data, n_heldout, device, args.seed + 3)
     with torch.no_grad() if name == "A" else torch.enable_grad():
-        metrics["loss"] = float(ddpm_loss(name, ema, sched, x0, t, eps).detach())
+        metrics["loss"] = float(ddpm_loss(name, ema, sched, x0, t, eps, args.amp).detach())
     n_time = min(args.batch_size, 512 if data is None else 16)
     metrics["s_per_step"], metrics["peak_mem"] = measure_step(
         name, m["net"], sched, x0[:n_time], t[:n_time], eps[:n_time], args, device)
     diag = diagnose(name, ema, sched, args, x0[:args.diag_batch], args.diag_t_list, loops=False)
     metrics["asym"] = float(np.mean(list(diag.values())))
     x = draw_samples(name, ema, sched, args, shape, args.eval_samples, device, args.sample_steps)
+    if x is None:  # torchrun: rank 0 holds the samples and computes the sample metrics
+        return metrics, None
     if data is None:
         ref = common.toy_sample(args.dataset, len(x), generator=torch.Generator().manual_seed(args.seed + 4))
         metrics["mmd"] = common.mmd_rbf(x, ref)
@@ -537,7 +704,8 @@ def evaluate(name, m, sched, args, data, shape, device):
         if common.toy_modes(args.dataset) is not None:
             metrics.update(common.mode_stats(x, args.dataset))
     elif args.fid_samples > 0:
-        metrics["fid"] = common.fid_vs_data(x[:args.fid_samples], args.dataset, args.data_dir, "test", device)
+        metrics["fid"] = common.fid_vs_data(x[:args.fid_samples], args.dataset, args.data_dir, args.fid_split,
+                                            device)
         probs = common.inception_probs(x[:args.fid_samples], device)  # None (and a note) without the weights
         if probs is not None:
             metrics["is"] = common.inception_score(probs)[0]
@@ -548,8 +716,8 @@ def save_pictures(out, step, models, sched, args, shape, device):
     if not common.is_main():
         return
     n = 1000 if len(shape) == 1 else 16
-    samples = {name: draw_samples(name, m["ema"], sched, args, shape, n, device, min(args.sample_steps, 100))
-               for name, m in models.items()}
+    samples = {name: draw_samples(name, m["ema"], sched, args, shape, n, device, min(args.sample_steps, 100),
+                                  shared=False) for name, m in models.items()}
     if len(shape) == 1:
         panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(0)))]
         common.save_toy_panels(out / f"samples_{step}.png", panels + [(k, v) for k, v in samples.items()])
@@ -576,20 +744,28 @@ TABLE_KEYS = ["loss", "mmd", "loglik", "hq_frac", "modes", "fid", "is", "asym", 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.fid_samples > 0 and not (args.diagnose or args.print_config):
+        common.check_fid_protocol(args)  # the reference split can serve --fid-samples
     rank, world = common.init_distributed()
     device = common.pick_device(args.device)
-    data = load_data(args)
-    shape = (2,) if data is None else tuple(data.shape[1:])
-    models = build_models(args, shape, device)  # seeds --seed before each model
+    shape = (2,) if args.dataset in common.TOYS else common.image_shape(args.dataset, args.pad_to_32)
+    # on the CPU, seeded with --seed before each model; for --print-config on the meta device
+    # (shapes only: the same parameter counts without the memory or the initialisation time)
+    with torch.device("meta") if args.print_config else contextlib.nullcontext():
+        nets = build_models(args, shape)
+    common.print_config(args, nets)  # --print-config: prints and exits here, before any data or file
+    models = place_models(nets, args, device)
     common.seed_everything(args.seed + rank)
+    data = load_data(args)
     out = common.prepare_out_dir(args, "energy_vs_score")
-    sched = ddpm_schedule(args.T, args.beta_1, args.beta_T)
-    batches = common.Batches(data, args.batch_size // world, seed=args.seed) if data is not None else None
+    sched = {k: v.to(device) for k, v in ddpm_schedule(args.T, args.beta_1, args.beta_T).items()}
+    batches = None
+    if data is not None:
+        batches = common.Batches(data, args.batch_size // world, seed=args.seed, device=device)
 
     start = 0
     if args.resume or args.eval_only:
-        state = common.load_checkpoint(out / "checkpoint.pt", "energy_vs_score", args, must_match=(
-            "dataset", "model", "ch", "ch_mult", "num_res_blocks", "attn_res", "c_blocks", "depth", "T"))
+        state = common.load_checkpoint(out / "checkpoint.pt", "energy_vs_score", args, must_match=MUST_MATCH)
         for name, m in models.items():
             for key in ("net", "ema", "opt"):
                 common.load_state(m[key], state["models"][name][key], f"{name} {key}")

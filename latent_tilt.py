@@ -11,29 +11,43 @@ Stages (--stage): all (default): base, then latent EBM, in one folder. base: tra
 --base vae (DCGAN VAE, latent 100, BCE / MSE; an MLP VAE on toys), glow (actnorm, 1x1 conv,
 affine coupling, squeeze, multi-scale split; test bits/dim) or glf (deterministic AE,
 latent 64, + 4 affine couplings of 256 units, trained jointly) into runs/latent_tilt-DATA-BASE.
-ebm: loads that frozen base (--base-ckpt; its architecture flags are read from it) and trains
-the latent EBM. Early stop "when samples get worse" (Section 5.3), made explicit: every
---eval-every steps a fixed set of EBM samples is scored (MMD vs. fresh data on toys, FID vs.
-the training split on images), the best EBM is kept, and training stops after --patience
-scores without improvement. pixel: the "EBM on data" baseline (Table 1) with the replay buffer
-of Du & Mordatch 2019 (10000, 5% noise restarts, 60 steps of step 10 / noise 0.005), saved.
+ebm: loads that frozen base (--base-ckpt; --base and its architecture flags are read from it
+before any other default is resolved) and trains the latent EBM. Early stop "when sample
+quality deteriorates" (Section 5.3), made explicit: every --eval-every steps a fixed set of
+EBM samples is scored (MMD vs. fresh data on toys, FID vs. the training split on images, on
+rank 0, which tells the others), the best EBM is kept, and training stops after --patience
+scores without improvement. pixel: the "EBM on data" baseline (Table 1) with the replay
+buffer of Du & Mordatch 2019 (10000 images, 5% noise restarts, step 10 / noise 0.005),
+saved with every rank's share.
 
 Langevin convention: the paper's z <- z - eps/2 grad U(z) + sqrt(eps) w (common.langevin,
 convention="eps"), eps = 0.01, U(z) = E(G(z)) + |z|^2 / 2; 60 steps in training, 100 when
-sampling. Evaluation: toys base_/ebm_ hq_frac, modes, mmd + tilt.png (Figure 5.1); images
-base_fid, ebm_fid (same sample count, test split), tilt.png and langevin_traj.png (Fig. 5.3).
+sampling. --amp bf16 autocasts E and the VAE / GLF encoder and decoder; GLOW (its loss is a
+log-density through every layer), GLF's latent flow, the Langevin updates and every
+log-density stay fp32.
+
+Evaluation protocol (Table 1; the same for every base and the pixel EBM): FID of
+--fid-samples generated images (paper: 10,000) against as many images of the --fid-split
+split (paper: test), at 32 x 32: mnist / fashion images padded with 2 black pixels per side,
+and GLOW's 28 x 28 samples padded the same way, so all FIDs share one reference. Checked at
+start-up. Toys: base_ / ebm_ hq_frac, modes, mmd + tilt.png (Figure 5.1); images: base_fid,
+ebm_fid (or fid for the pixel EBM), tilt.png and langevin_traj.png (Figure 5.3).
 
 Offline demo (25-Gaussians: 10000 VAE steps, then up to 1000 EBM steps; 36 s on 2 idle CPU cores):
     python latent_tilt.py
-  measured: hq_frac 0.506 -> 0.594, modes 25 -> 25, mmd 0.0059 -> 0.0058 (EBM of step 800 kept).
+  measured: hq_frac 0.507 -> 0.602, modes 25 -> 25, mmd 0.0057 -> 0.0059 (EBM of step 800 kept).
 Fashion-MNIST on a CPU budget (README: the budget and the FIDs it gave):
+    python latent_tilt.py --dataset fashion --preset small --stage base --base vae
+    python latent_tilt.py --dataset fashion --preset small --stage ebm --base vae
+Paper configuration (the default for mnist, fashion, cifar10; GPU; Table 1: VAE 57.1 -> VAE + EBM
+38.1 on Fashion; --print-config shows every resolved value):
     python latent_tilt.py --dataset fashion --stage base --base vae
     python latent_tilt.py --dataset fashion --stage ebm --base vae
-Paper configuration (GPU; Table 1: VAE 57.1 -> VAE + EBM 38.1 on Fashion):
-    python latent_tilt.py --dataset fashion --stage base --base vae --preset paper
-    python latent_tilt.py --dataset fashion --stage ebm --base vae --preset paper
+    torchrun --nproc_per_node=4 latent_tilt.py --dataset cifar10 --stage pixel
 """
+import contextlib
 import copy
+import functools
 import math
 from pathlib import Path
 
@@ -50,36 +64,52 @@ import common
 
 BASE_ARCH = ("base", "nz", "ngf", "hidden", "glow_levels", "glow_depth", "glow_hidden", "glow_scale_floor",
              "flow_couplings", "flow_hidden")
-OLD_CKPT = {"glow_scale_floor": 0.0, "input_scale": 1.0}  # what checkpoints older than these flags used
-EBM_ARCH = ("ch", "num_blocks", "hidden")
-_PAPER_IMAGES = dict(base_steps=120000, base_batch_size=128, ngf=64, ch=64, num_blocks=3,
-                     langevin_steps=60, sample_steps=100, batch_size=128, fid_samples=10000,
-                     glow_levels=2, glow_depth=16, glow_hidden=64)
-# Appendix B: VAE / GLF 256 epochs of batch 128 (= 120k steps on 60k images; GLOW: 128
-# epochs of 64, also 120k); the EBM batch size is not stated (128 here).
+EBM_ARCH = ("ch", "num_blocks", "e_hidden")
+# --preset paper (Appendix B): DCGAN width 64; GLOW 2 levels of 16 steps, coupling width 64
+# (CIFAR-10: 3 of 32, width 256); energy net 3 res blocks of 64 then 3 of 128; Langevin 60
+# training / 100 sampling steps; FID of 10,000 samples against the test set. Not in the paper
+# (ours): the EBM's batch size and the early stop's sample count.
+_PAPER_IMAGES = dict(ngf=64, ch=64, num_blocks=3, langevin_steps=60, sample_steps=100, batch_size=128,
+                     fid_samples=10000, fid_split="test", stop_samples=1000, glow_levels=2, glow_depth=16,
+                     glow_hidden=64)
 PRESETS = {"mnist": dict(_PAPER_IMAGES), "fashion": dict(_PAPER_IMAGES),
-           "cifar10": dict(_PAPER_IMAGES, base_steps=100000, glow_levels=3, glow_depth=32,
-                           glow_hidden=256)}
+           "cifar10": dict(_PAPER_IMAGES, glow_levels=3, glow_depth=32, glow_hidden=256)}
+# --preset paper, per base (Appendix B.1): (base steps, base batch size), steps = epochs x
+# training images / batch: VAE and GLF 256 epochs of 128; GLOW 128 epochs of 64 (CIFAR-10: 256).
+PAPER_BASE = {"mnist": {"vae": (120000, 128), "glf": (120000, 128), "glow": (120000, 64)},
+              "fashion": {"vae": (120000, 128), "glf": (120000, 128), "glow": (120000, 64)},
+              "cifar10": {"vae": (100000, 128), "glf": (100000, 128), "glow": (200000, 64)}}
+PAPER_PIXEL_STEPS = {"mnist": 20000, "fashion": 20000, "cifar10": 100000}  # Appendix B.2
 
 
 def build_parser():
     p = common.base_parser("Latent-EBM exponential tilting of a VAE / GLOW / GLF (Xiao, Yan & Amit 2020)",
-                           dataset="25gaussians", steps=None, batch_size=None, fid_samples=500)
-    p.set_defaults(log_every=20, ckpt_every=100)
+                           dataset="25gaussians", steps=None, batch_size=None, fid_samples=500,
+                           batch_size_help="EBM batch: 128 toys, 32 images; paper preset 128")
+    p.set_defaults(log_every=20, ckpt_every=None)
     p.add_argument("--stage", default="all", choices=["all", "base", "ebm", "pixel"],
                    help="all: base then latent EBM in one folder; base / ebm: one stage each; pixel: the EBM-on-data "
                         "baseline. --steps counts EBM steps (default: 1000 for a VAE and on toys, 200 for GLOW / GLF "
-                        "as in the paper; pixel: 20000 with --preset paper, 200 otherwise)")
-    p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"], help="base generative model")
+                        "as in the paper; pixel: 200, paper preset 20000, cifar10 100000). --ckpt-every (default a "
+                        "tenth of --steps) spaces the EBM stage's checkpoints and sample pictures")
+    p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"],
+                   help="base generative model (--stage ebm: read from --base-ckpt)")
     p.add_argument("--base-ckpt", default=None,
                    help="--stage ebm: the frozen base's checkpoint (default runs/latent_tilt-DATASET-BASE/"
-                        "checkpoint.pt, what --stage base writes); its architecture flags are read from it")
-    p.add_argument("--base-steps", type=int, default=None, help="base steps (paper ~120k; 10000 toys, 2000 images)")
-    p.add_argument("--base-batch-size", type=int, default=128, help="base batch size (paper: 128; GLOW 64)")
-    p.add_argument("--base-lr", type=float, default=None, help="base Adam lr (paper: 1e-3; GLOW 5e-4)")
+                        "checkpoint.pt, what --stage base writes); --base and its architecture flags are read from it "
+                        "(--print-config without it: the flags as given)")
+    p.add_argument("--base-steps", type=int, default=None,
+                   help="base steps (10000 toys, 2000 images; paper preset: 256 epochs = 120000, cifar10 100000; "
+                        "GLOW 128 epochs of 64 = 120000, cifar10 256 epochs = 200000)")
+    p.add_argument("--base-batch-size", type=int, default=None, help="base batch size (128; paper: 128, GLOW 64)")
+    p.add_argument("--base-lr", type=float, default=None, help="base Adam lr (1e-3, GLOW 5e-4, as in the paper)")
+    p.add_argument("--base-ckpt-every", type=int, default=None,
+                   help="base steps between the base's checkpoints and sample pictures (default: a tenth of "
+                        "--base-steps)")
     p.add_argument("--nz", type=int, default=None, help="latent size (paper: 100 VAE, 64 GLF; toys: 2)")
     p.add_argument("--ngf", type=int, default=32, help="DCGAN encoder/decoder width (paper: 64)")
-    p.add_argument("--hidden", type=int, default=64, help="toys: width of the MLP VAE and energy")
+    p.add_argument("--hidden", type=int, default=64, help="toys: width of the MLP VAE")
+    p.add_argument("--e-hidden", type=int, default=64, help="toys: width of the energy MLP")
     p.add_argument("--input-scale", type=float, default=8.0,
                    help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt: README)")
     p.add_argument("--recon-std", type=float, default=0.05, help="toys: std of the VAE's Gaussian decoder")
@@ -94,15 +124,20 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="EBM Adam lr (not in the paper; 3e-3 toys, 1e-4 images)")
     p.add_argument("--eps", type=float, default=0.01, help="Eq. 8: z <- z - eps/2 grad U + sqrt(eps) w (paper: 0.01)")
     p.add_argument("--langevin-steps", type=int, default=None,
-                   help="Langevin steps per training step (paper: 60; default 60 toys, 20 images on CPU)")
+                   help="Langevin steps per training step, latent and pixel EBM (paper and D&M: 60; default 60 "
+                        "toys, 20 images)")
     p.add_argument("--sample-steps", type=int, default=100, help="Langevin steps when sampling (paper: 100)")
     p.add_argument("--alpha", type=float, default=None,
                    help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1; default 0.1 images, 0.3 toys: README)")
     p.add_argument("--eval-every", type=int, default=None, help="early stop: score every N steps (toys 200; 50)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many scores without improvement (0: never)")
     p.add_argument("--stop-samples", type=int, default=None,
-                   help="samples per early-stop score (default 1000 toys, 200 images: FID vs. train split)")
-    p.add_argument("--buffer-size", type=int, default=10000, help="pixel EBM replay buffer (Du & Mordatch: 10000)")
+                   help="samples per early-stop score (default 1000 toys, 200 images, paper preset 1000; "
+                        "images: FID vs. the train split)")
+    p.add_argument("--eval-samples", type=int, default=2000,
+                   help="toys: samples behind the final mmd, hq_frac and modes (images: --fid-samples)")
+    p.add_argument("--buffer-size", type=int, default=10000,
+                   help="pixel EBM replay buffer, all ranks together (Du & Mordatch: 10000)")
     p.add_argument("--reinit", type=float, default=0.05, help="pixel EBM: fraction of chains from noise (D&M: 0.05)")
     p.add_argument("--pixel-step", type=float, default=10.0, help="pixel Langevin gradient step (D&M: 10)")
     p.add_argument("--pixel-noise", type=float, default=0.005, help="pixel Langevin noise std (D&M: 0.005)")
@@ -110,15 +145,53 @@ def build_parser():
     return p
 
 
+def default_out(args):
+    suffix = {"all": "", "base": f"-{args.base}", "ebm": f"-{args.base}-ebm", "pixel": "-pixel"}[args.stage]
+    return f"runs/latent_tilt-{args.dataset}{suffix}"
+
+
+def read_base(args):
+    """--stage ebm, before any default is resolved: --base and the base's architecture flags
+    come from its checkpoint (--base-ckpt; on --resume / --eval-only without it, this run's
+    own checkpoint). Returns the checkpoint (None: --print-config without one)."""
+    path = Path(args.base_ckpt or f"runs/latent_tilt-{args.dataset}-{args.base}/checkpoint.pt")
+    own = Path(args.out or default_out(args)) / "checkpoint.pt"
+    if not path.exists() and (args.resume or args.eval_only) and own.exists():
+        path = own
+    if not path.exists():
+        if args.print_config:
+            return None
+        raise common.UserError(f"no base checkpoint at {path}: run --stage base first, or pass --base-ckpt")
+    state = common.load_checkpoint(path, "latent_tilt", args, must_match=("dataset",))
+    saved = state["args"]
+    if "base" not in state:
+        raise common.UserError(f"{path} holds a pixel EBM, not a base model: pass a --stage base checkpoint")
+    if "base" in args.given and args.base != saved["base"]:
+        raise common.UserError(f"{path} holds a {saved['base']} base, not --base {args.base}: drop --base")
+    if state["phase"] == "base" and state["step"] < saved["base_steps"]:
+        raise common.UserError(f"{path} holds an unfinished base (step {state['step']}): "
+                               "finish it with --stage base --resume")
+    for key in BASE_ARCH:
+        setattr(args, key, saved[key])
+    args.base_ckpt = str(path)
+    return state
+
+
 def resolve_defaults(args):
-    """Fill the defaults that depend on the data set, base model or stage."""
+    """Fill the defaults that depend on the data set, base model, stage or preset."""
     toy = args.dataset in common.TOYS
+    paper = args.preset == "paper"
+    if paper and args.dataset in PAPER_BASE:
+        steps, batch = PAPER_BASE[args.dataset][args.base]
+        for key, value in (("base_steps", steps), ("base_batch_size", batch)):
+            if key not in args.given:
+                setattr(args, key, value)
     if args.steps is None:
         if args.stage == "pixel":
-            args.steps = (100000 if args.dataset == "cifar10" else 20000) if args.preset else 200
+            args.steps = PAPER_PIXEL_STEPS.get(args.dataset, 200) if paper else 200
         else:
             args.steps = 1000 if toy or args.base == "vae" else 200
-    defaults = dict(batch_size=128 if toy else 32, base_steps=10000 if toy else 2000,
+    defaults = dict(batch_size=128 if toy else 32, base_steps=10000 if toy else 2000, base_batch_size=128,
                     nz=2 if toy else (64 if args.base == "glf" else 100), lr=3e-3 if toy else 1e-4,
                     alpha=0.3 if toy else 0.1, base_lr=5e-4 if args.base == "glow" else 1e-3,
                     langevin_steps=60 if toy else 20,
@@ -126,22 +199,40 @@ def resolve_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.ckpt_every is None:
+        args.ckpt_every = max(1, args.steps // 10)
+    if args.base_ckpt_every is None:
+        args.base_ckpt_every = max(1, args.base_steps // 10)
     common.check_positive(args, "eps", "sample_steps", "langevin_steps", "base_batch_size", "base_lr", "lr", "nz",
-                          "input_scale", "ngf", "hidden", "ch", "num_blocks", "recon_std", "buffer_size", "pixel_step",
-                          "pixel_noise", "glow_levels", "glow_depth", "glow_hidden", "flow_couplings", "flow_hidden",
-                          "stop_samples")
+                          "input_scale", "ngf", "hidden", "e_hidden", "ch", "num_blocks", "recon_std", "buffer_size",
+                          "pixel_step", "pixel_noise", "glow_levels", "glow_depth", "glow_hidden", "flow_couplings",
+                          "flow_hidden", "stop_samples", "base_ckpt_every", "eval_samples")
     for name in ("alpha", "pixel_alpha", "base_steps", "eval_every", "patience", "glow_scale_floor"):
-        if getattr(args, name) < 0 or not 0 <= args.reinit <= 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 and --reinit in [0, 1]")
+        if getattr(args, name) < 0:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if not 0 <= args.reinit <= 1:
+        raise common.UserError(f"--reinit must be in [0, 1] (got {args.reinit})")
     if toy and (args.base != "vae" or args.stage == "pixel"):
         raise common.UserError("the 2-D toys use a VAE base (as in the paper) and no pixel EBM: "
                                "pass --base vae, or an image --dataset")
     if args.out is None:
-        suffix = {"all": "", "base": f"-{args.base}", "ebm": f"-{args.base}-ebm", "pixel": "-pixel"}[args.stage]
-        args.out = f"runs/latent_tilt-{args.dataset}{suffix}"
+        args.out = default_out(args)
     if args.base_ckpt is None:
         args.base_ckpt = f"runs/latent_tilt-{args.dataset}-{args.base}/checkpoint.pt"
     return args
+
+
+def check_protocol(args):
+    """At start-up, before data: the evaluation's and the early stop's reference splits can
+    serve their sample counts (FID compares equally many generated and real images)."""
+    if args.dataset in common.TOYS:
+        return
+    common.check_fid_protocol(args)
+    if args.stage in ("all", "ebm") and args.eval_every:
+        have = common.split_size(args.dataset, "train", args.data_dir)
+        if args.stop_samples > have:
+            raise common.UserError(f"--stop-samples {args.stop_samples} exceeds the {have} images of "
+                                   f"{args.dataset}/train (the early stop's reference): lower --stop-samples")
 
 
 # ======================================================================================
@@ -150,28 +241,36 @@ def resolve_defaults(args):
 
 def image_size(args):
     """GLOW models the raw 28 x 28 mnist/fashion (its squeezes need only /4; padding would
-    add constant pixels that make bits/dim meaningless); the DCGAN nets need 32 x 32."""
-    return 28 if (args.base == "glow" and args.stage != "pixel" and args.dataset in ("mnist", "fashion")) else 32
+    add constant pixels that make bits/dim meaningless); the DCGAN nets need 32 x 32 there.
+    Other data sets keep their own size."""
+    if args.base == "glow" and args.stage != "pixel" and args.dataset in ("mnist", "fashion"):
+        return 28
+    return common.image_shape(args.dataset, pad_to_32=True)[-1]
 
 
 def load_data(args, split="train"):
-    """Images as float [-1, 1] [N, C, H, W], or None for the toys (drawn fresh each step)."""
+    """Images as uint8 [N, C, H, W] (or a lazily read folder), or None for the toys (drawn fresh)."""
     if args.dataset in common.TOYS:
         return None
-    return common.to_float(common.load_images(args.dataset, args.data_dir, split, pad_to_32=image_size(args) == 32))
-
-
-def per_rank(n):  # torchrun: each rank draws its share of a batch
-    return n // (common.dist.get_world_size() if common.dist.is_initialized() else 1)
+    return common.load_images(args.dataset, args.data_dir, split, pad_to_32=image_size(args) == 32)
 
 
 def next_batch(args, batches, n, device):
-    return (common.toy_sample(args.dataset, n) if batches is None else next(batches)).to(device)
+    """n examples in [-1, 1]: fresh toy points, or the next image batch (n is then the Batches' own)."""
+    return common.toy_sample(args.dataset, n).to(device) if batches is None else common.to_float(next(batches))
+
+
+def fid_view(x):
+    """Samples as FID sees them: 28 x 28 (GLOW on mnist / fashion) padded with black (-1) to
+    the 32 x 32 of the padded reference images, so every base shares one reference."""
+    return F.pad(x, (2, 2, 2, 2), value=-1.0) if x.shape[-1] == 28 else x
 
 
 # ======================================================================================
 # Networks: base models (VAE, GLOW, GLF) and the energy E(x)
 # ======================================================================================
+# `amp` arguments are context factories: common.autocast for --amp, else no-ops. Networks run
+# inside them; what they return is cast back to fp32 before it enters a loss or a sampler.
 
 class VAE(nn.Module):
     """q(z|x) = N(mu, diag sigma^2) from `enc` ([B, 2 nz]); `dec`: z -> pre-activation a.
@@ -188,11 +287,15 @@ class VAE(nn.Module):
     def encode(self, x):
         return self.enc(x).chunk(2, 1)[0]
 
-    def loss(self, x):
+    def loss(self, x, amp=contextlib.nullcontext):
         """Negative ELBO per example (sum over dimensions), averaged over the batch."""
-        mu, logvar = self.enc(x).chunk(2, 1)
+        with amp():
+            h = self.enc(x)
+        mu, logvar = h.float().chunk(2, 1)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        rec = reconstruction_nll(self.dec(z), x, self.recon, self.recon_std)
+        with amp():
+            a = self.dec(z)
+        rec = reconstruction_nll(a.float(), x, self.recon, self.recon_std)
         kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)
         return (rec + kl).mean()
 
@@ -231,7 +334,8 @@ class VectorCoupling(nn.Module):
 
 class GLF(nn.Module):
     """Generative latent flow (Xiao et al. 2019): a deterministic AE x -> z -> x and a flow
-    z -> u ~ N(0, I). G(u) = dec(flow^-1(u)), so the EBM's latent is the flow's u."""
+    z -> u ~ N(0, I). G(u) = dec(flow^-1(u)), so the EBM's latent is the flow's u. The flow
+    runs in fp32 whatever --amp says."""
 
     def __init__(self, enc, dec, recon, nz, couplings, hidden):
         super().__init__()
@@ -239,27 +343,35 @@ class GLF(nn.Module):
         self.flow = nn.ModuleList([VectorCoupling(nz, hidden) for _ in range(couplings)])
 
     def decode(self, u):  # G(u)
-        for c in reversed(self.flow):
-            u = c.inverse(u)
+        with torch.autocast(u.device.type, enabled=False):
+            u = u.float()
+            for c in reversed(self.flow):
+                u = c.inverse(u)
         return VAE.decode(self, u)
 
     def encode(self, x):  # x -> u, the EBM's latent, so that G(encode(x)) reconstructs x
-        u = self.enc(x)
+        u = self.enc(x).float()
         for c in self.flow:
             u = c(u)[0]
         return u
 
-    def loss(self, x):
-        z = self.enc(x)
-        rec = reconstruction_nll(self.dec(z), x, self.recon)
+    def flow_nll(self, z):
+        """-log p(z) per example: N(0, I) on u = flow(z), plus -log|det du/dz|."""
+        with torch.autocast(z.device.type, enabled=False):
+            u, logdet = z.float(), 0.0
+            for c in self.flow:
+                u, ld = c(u)
+                logdet = logdet + ld
+        return 0.5 * (u ** 2).sum(1) + 0.5 * u.shape[1] * math.log(2 * math.pi) - logdet
+
+    def loss(self, x, amp=contextlib.nullcontext):
+        with amp():
+            z = self.enc(x)
+            a = self.dec(z)
+        rec = reconstruction_nll(a.float(), x, self.recon)
         # The flow's NLL does not reach the encoder (stop-gradient, as in the GLF paper):
         # otherwise the encoder can shrink z and drive the NLL to -infinity.
-        u, logdet = z.detach(), 0.0
-        for c in self.flow:
-            u, ld = c(u)
-            logdet = logdet + ld
-        nll = 0.5 * (u ** 2).sum(1) + 0.5 * u.shape[1] * math.log(2 * math.pi) - logdet
-        return (rec + nll).mean()
+        return (rec + self.flow_nll(z.detach())).mean()
 
 
 def squeeze(x):
@@ -274,20 +386,30 @@ def unsqueeze(x):
 
 
 class ActNorm(nn.Module):
-    """y = (x + loc) exp(log_scale) per channel; the first batch sets zero mean, unit variance."""
+    """y = (x + loc) exp(log_scale) per channel; the first batch sets zero mean, unit variance.
+    Whether that happened is a buffer (it travels with checkpoints), read once: after that a
+    Python flag, so a forward pass never waits for the GPU to answer it."""
 
     def __init__(self, c):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.log_scale = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.register_buffer("initialised", torch.tensor(0))
+        self.ready = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.ready = False  # read the loaded buffer again
 
     def forward(self, x):
-        if not self.initialised:
+        if not self.ready:
+            self.ready = bool(self.initialised)
+        if not self.ready:
             with torch.no_grad():
                 self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
                 self.log_scale.copy_(-torch.log(x.std((0, 2, 3), keepdim=True) + 1e-6))
                 self.initialised.fill_(1)
+            self.ready = True
         return (x + self.loc) * self.log_scale.exp(), self.log_scale.sum() * x.shape[2] * x.shape[3]
 
     def inverse(self, y):
@@ -372,7 +494,8 @@ class Glow(nn.Module):
         return torch.cat([z.flatten(1) for z in zs], 1), logdet
 
     def decode(self, z):  # G(z): the images live in [-1, 1]; the raw inverse can overshoot by orders of magnitude
-        return self.inverse(z).clamp(-1, 1)
+        with torch.autocast(z.device.type, enabled=False):  # fp32 whatever --amp says
+            return self.inverse(z.float()).clamp(-1, 1)
 
     def inverse(self, z):  # f^-1(z)
         sizes = [math.prod(s) for s in self.z_shapes]
@@ -390,32 +513,39 @@ class Glow(nn.Module):
         z, logdet = self.encode(x)
         return -0.5 * (z ** 2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logdet
 
-    def loss(self, x):
-        """Bits per dimension of uniformly dequantised 8-bit images mapped to [-1, 1)."""
+    def loss(self, x, amp=None):
+        """Bits per dimension of uniformly dequantised 8-bit images mapped to [-1, 1) (fp32: no amp)."""
         return bits_per_dim(self, x).mean()
 
 
 def bits_per_dim(glow, x):
+    """-log2 P(8-bit image behind x) / D: the model's density at the dequantised point
+    (y + U(0, 1)) / 128 - 1 (y the integers 0..255) times its bin's volume 128^-D."""
     y = torch.round((x + 1) * 127.5)  # back to the integers 0..255
     x_deq = (y + torch.rand_like(y)) / 128 - 1  # density on [-1, 1): 8 bits - log2(2) per dim
     D = x[0].numel()
     return (-glow.log_prob(x_deq) + D * math.log(128)) / (D * math.log(2))
 
 
+
+
 def build_base(args, in_ch):
-    """The base generative model, with the methods loss(x), decode(z) = G(z)."""
+    """The base generative model, with the methods loss(x, amp), decode(z) = G(z)."""
     if args.dataset in common.TOYS:  # Section 5.1: small fully connected nets (Tanaka 2019)
         H = args.hidden
         return VAE(common.mlp([2, H, H, H, 2 * args.nz], act=nn.ReLU),
                    common.mlp([args.nz, H, H, H, 2], act=nn.ReLU), "gauss", args.recon_std)
     recon = "mse" if in_ch == 3 else "bce"
+    s = image_size(args)
     if args.base == "glow":
-        s = image_size(args)
+        if s % 2 ** args.glow_levels:
+            raise common.UserError(f"--glow-levels {args.glow_levels} squeezes {s} x {s} images to odd sizes: "
+                                   f"use at most {int(math.log2(s & -s))}")
         return Glow((in_ch, s, s), args.glow_levels, args.glow_depth, args.glow_hidden, args.glow_scale_floor)
-    dec = common.dcgan_generator(args.nz, in_ch, args.ngf, 32, norm=True)[:-1]  # pre-tanh: BCE from logits
+    dec = common.dcgan_generator(args.nz, in_ch, args.ngf, s, norm=True)[:-1]  # pre-tanh: BCE from logits
     if args.base == "vae":
-        return VAE(common.dcgan_encoder(2 * args.nz, in_ch, args.ngf, 32, norm="batch"), dec, recon)
-    return GLF(common.dcgan_encoder(args.nz, in_ch, args.ngf, 32, norm="batch"), dec, recon, args.nz,
+        return VAE(common.dcgan_encoder(2 * args.nz, in_ch, args.ngf, s, norm="batch"), dec, recon)
+    return GLF(common.dcgan_encoder(args.nz, in_ch, args.ngf, s, norm="batch"), dec, recon, args.nz,
                args.flow_couplings, args.flow_hidden)
 
 
@@ -434,7 +564,7 @@ def build_energy(args, in_ch, sn=False):
     """E(x) -> [B]. Images: Appendix B.2 (res blocks of ch then 2 ch, global sum pooling, linear
     head); toys: an MLP (in the role of DOT's discriminator)."""
     if args.dataset in common.TOYS:
-        return ToyEnergy(args.hidden, args.input_scale)
+        return ToyEnergy(args.e_hidden, args.input_scale)
     return common.EnergyResNet(in_ch, ch=args.ch, ch_mult=(1, 2), num_blocks=args.num_blocks, time_embed=False, sn=sn)
 
 
@@ -442,50 +572,69 @@ def build_energy(args, in_ch, sn=False):
 # Objective: maximum likelihood of the tilted model (Eq. 5, 7)
 # ======================================================================================
 
-def mle_loss(e_data, e_model, alpha, weights=None):
-    """Surrogate whose theta-gradient is Eq. 5 / 7, E_data[dE(x)/dtheta] - E_tilted[dE(G(z))/dtheta],
-    plus alpha (E_data^2 + E_model^2) (Appendix B.2's energy regularisation). weights: None for
-    equally weighted Langevin samples, or normalised weights of the model points (quadrature)."""
-    mean = (lambda e: e.mean()) if weights is None else (lambda e: (weights * e).sum())
-    return e_data.mean() - mean(e_model) + alpha * ((e_data ** 2).mean() + mean(e_model ** 2))
+def mle_loss(e_data, e_model, alpha):
+    """Surrogate whose theta-gradient is Eq. 5 / 7, E_data[dE(x)/dtheta] - E_tilted[dE(G(z))/dtheta]
+    (model points: Langevin samples, held fixed), plus alpha (E_data^2 + E_model^2) (Appendix
+    B.2's energy regularisation)."""
+    return e_data.mean() - e_model.mean() + alpha * ((e_data ** 2).mean() + (e_model ** 2).mean())
+
+
+def ebm_loss(E, x_data, x_model, alpha, amp=contextlib.nullcontext):
+    """mle_loss of E on data and model points (latent and pixel EBM alike); E runs under the
+    --amp switch, its energies in fp32. Returns (loss, E(x_data), E(x_model))."""
+    with amp():
+        e_data, e_model = E(x_data), E(x_model)
+    e_data, e_model = e_data.float(), e_model.float()
+    return mle_loss(e_data, e_model, alpha), e_data, e_model
 
 
 # ======================================================================================
 # Sampler: Langevin in z (Eq. 8) and, for the baseline, in pixels
 # ======================================================================================
 
-def latent_log_p(E, G):
+def latent_log_p(E, G, amp=contextlib.nullcontext):
     """log of the unnormalised tilted prior, Eq. 6: log p(z) - E(G(z)), p(z) = N(0, I)."""
-    return lambda z: -E(G(z)) - 0.5 * (z ** 2).flatten(1).sum(1)
+    def log_p(z):
+        with amp():
+            e = E(G(z))
+        return -e.float() - 0.5 * (z ** 2).flatten(1).sum(1)
+    return log_p
 
 
-def sample_latent(E, G, z0, n_steps, eps, keep_every=0):
+def sample_latent(E, G, z0, n_steps, eps, keep_every=0, amp=contextlib.nullcontext):
     """Eq. 8: z <- z - eps/2 grad_z [E(G(z)) - log p(z)] + sqrt(eps) w, short-run from z0."""
-    return common.langevin(latent_log_p(E, G), z0, n_steps, eps, convention="eps",
+    return common.langevin(latent_log_p(E, G, amp), z0, n_steps, eps, convention="eps",
                            trace=keep_every > 0, keep_every=keep_every)
 
 
-def sample_pixels(E, x0, args):
-    """Du & Mordatch 2019: x <- x - step grad E(x) + N(0, noise^2), clipped; s^2 / 2 = step."""
+def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext):
+    """Du & Mordatch 2019: x <- clip(x - step grad E(x) + noise w), w ~ N(0, I), as
+    common.langevin's s-convention: s^2 / 2 = step, noise_scale = noise / s."""
     s = math.sqrt(2 * args.pixel_step)
-    return common.langevin(lambda x: -E(x), x0, 60, s, noise_scale=args.pixel_noise / s, clamp=(-1.0, 1.0))
+
+    def log_p(x):
+        with amp():
+            e = E(x)
+        return -e.float()
+    return common.langevin(log_p, x0, n_steps, s, noise_scale=args.pixel_noise / s, clamp=(-1.0, 1.0))
 
 
 # ======================================================================================
 # Training
 # ======================================================================================
 
-def train_base(args, G, batches, state, out, device, stop, nz):
+def train_base(args, G, batches, state, out, device, stop, nz, amp):
     """Maximum likelihood (ELBO / exact) of the base model; returns False if stopped."""
     params = list(G.parameters())
     opt = torch.optim.Adam(params, lr=args.base_lr)
     start = 0
+    B = common.rank_share(args.base_batch_size)
     if state is not None:
         opt.load_state_dict(state["base_opt"])
         start = state["step"]
     elif isinstance(G, Glow):  # actnorm's data-dependent init, then the same on every rank
         with torch.no_grad():
-            G.log_prob(next_batch(args, batches, args.base_batch_size, device))
+            G.log_prob(next_batch(args, batches, B, device))
         common.broadcast_params(G)
     logger = common.Logger(out, args.base_steps, initial=start)
 
@@ -495,23 +644,23 @@ def train_base(args, G, batches, state, out, device, stop, nz):
             "base_opt": opt.state_dict(), "rng": common.rng_state(),
             "batches": batches.state_dict() if batches is not None else None})
         G.eval()
-        save_samples(out, step, args, G.decode, None, nz, device, batches is None)
+        save_samples(out, step, args, G.decode, None, nz, device, batches is None, amp)
         G.train()
 
     G.train()
     for step in range(start + 1, args.base_steps + 1):
-        loss = G.loss(next_batch(args, batches, per_rank(args.base_batch_size), device))
+        loss = G.loss(next_batch(args, batches, B, device), amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         common.average_gradients(params)
         opt.step()
         logger.update()
-        if step % args.log_every == 0 or step == args.base_steps:
+        if step % args.log_every == 0 or step == args.base_steps:  # the only host sync of a step
             value = loss.item()
             common.check_finite(step, "--base-lr", base_loss=value)
             logger.log(step, args.base_batch_size, base_loss=value)
-        stopping = stop.should_stop()  # every rank agrees (torchrun)
-        if step % args.ckpt_every == 0 or step == args.base_steps or stopping:
+        stopping = stop.should_stop(step)  # every rank agrees (torchrun)
+        if step % args.base_ckpt_every == 0 or step == args.base_steps or stopping:
             save(step)
         if stopping:
             return False
@@ -520,32 +669,59 @@ def train_base(args, G, batches, state, out, device, stop, nz):
     return True
 
 
-def ebm_update(e_data, e_model, alpha, opt, params, logger, step, args, knobs):
-    """One Adam step on mle_loss (latent and pixel EBM alike) and the log line."""
-    loss = mle_loss(e_data, e_model, alpha)
+def ebm_update(E, x_data, x_model, alpha, opt, params, logger, step, args, knobs, amp):
+    """One Adam step on ebm_loss (latent and pixel EBM alike) and, at log steps, the log line."""
+    loss, e_data, e_model = ebm_loss(E, x_data, x_model, alpha, amp)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     common.average_gradients(params)
     opt.step()
     logger.update()
-    if step % args.log_every == 0 or step == args.steps:
+    if step % args.log_every == 0 or step == args.steps:  # the only host sync of a step
         common.check_finite(step, knobs, loss=loss.item())
         logger.log(step, args.batch_size, loss=loss.item(), e_data=e_data.mean().item(), e_sample=e_model.mean().item())
 
 
-@torch.no_grad()
-def sample_score(args, G, E, nz, device, ref):
-    """Early-stop score (lower is better) of a fixed set of EBM samples: MMD vs. fresh toy data,
-    or FID vs. the training split (the test split stays unseen)."""
+def share_from_main(value, device):
+    """Rank 0's float on every rank (torchrun); without torch.distributed: value."""
+    if not common.dist.is_initialized():
+        return value
+    if common.dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([value if value is not None else 0.0], dtype=torch.float64, device=device)
+    common.dist.broadcast(t, 0)
+    return t.item()
+
+
+def sample_score(args, G, E, nz, device, ref, amp):
+    """Early-stop score (lower is better) of a fixed set of EBM samples, drawn in shares by the
+    ranks and scored on rank 0 (so every rank takes the same decision): MMD vs. fresh toy
+    data, or FID vs. the training split (the test split stays unseen)."""
+    rank = common.dist.get_rank() if common.dist.is_initialized() else 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed + 12345)
-        x, _ = generate(args, G, E, args.stop_samples, nz, device, tilt=True)
-    if ref is not None:
-        return common.mmd_rbf(x, ref)
-    return common.fid_vs_data(x, args.dataset, args.data_dir, "train", device)
+        torch.manual_seed(args.seed + 12345 + rank)
+        x, _ = generate(args, G, E, torch.randn(common.rank_share(args.stop_samples), nz, device=device), True, amp)
+    x = common.gather_rows(x.to(device))
+    score = None
+    if common.is_main():
+        score = common.mmd_rbf(x.cpu(), ref) if ref is not None else \
+            common.fid_vs_data(fid_view(x), args.dataset, args.data_dir, "train", device)
+    return share_from_main(score, device)
 
 
-def train_ebm(args, base, E, batches, state, out, device, stop, nz):
+def keep_best(track, score, step, E, patience):
+    """The paper's early stop "when sample quality deteriorates" (Section 5.3): keep a copy of
+    the EBM with the best (lowest) score so far; stop after `patience` scores in a row that
+    do not improve on it (0: never)."""
+    if track["best"] is None or score < track["best"]:
+        track.update(best=score, best_step=step, bad=0, best_E=copy.deepcopy(E.state_dict()))
+    else:
+        track["bad"] += 1
+    track["stopped"] = bool(patience) and track["bad"] >= patience
+    return track
+
+
+def train_ebm(args, base, E, batches, state, out, device, stop, nz, amp):
     """Eq. 5 / 7 with short-run, non-persistent latent Langevin (Eq. 8) from p(z). Returns
     the early-stop record (best_E: the kept EBM), or None when stopped by a signal."""
     G = base.decode
@@ -558,7 +734,7 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz):
     logger = common.Logger(out, args.steps, initial=track["step"])
     ref = common.toy_sample(args.dataset, args.stop_samples, torch.Generator().manual_seed(args.seed + 1)) \
         if batches is None else None
-    B = per_rank(args.batch_size)
+    B = common.rank_share(args.batch_size)
 
     def save(step):
         track["step"] = step
@@ -567,16 +743,11 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz):
             "E": E.state_dict(), "opt": opt.state_dict(), "track": track, "rng": common.rng_state(),
             "batches": batches.state_dict() if batches is not None else None})
 
-    def check(step):  # the paper's early stop "when samples get worse", made explicit
-        score = sample_score(args, G, E, nz, device, ref)
-        if track["best"] is None or score < track["best"]:
-            track.update(best=score, best_step=step, bad=0, best_E=copy.deepcopy(E.state_dict()))
-        else:
-            track["bad"] += 1
+    def check(step):
+        score = sample_score(args, G, E, nz, device, ref, amp)
+        keep_best(track, score, step, E, args.patience)
         if common.is_main():
             print(f"step {step}: sample score {score:.4g} (best {track['best']:.4g} at step {track['best_step']})")
-        if args.patience and track["bad"] >= args.patience:
-            track["stopped"] = True
 
     if track["step"] == 0 and args.eval_every:
         check(0)
@@ -584,15 +755,16 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz):
     while step < args.steps and not track["stopped"]:
         step += 1
         x = next_batch(args, batches, B, device)
-        z = sample_latent(E, G, torch.randn(B, nz, device=device), args.langevin_steps, args.eps)  # Eq. 8
-        x_model = G(z).detach()
-        ebm_update(E(x), E(x_model), args.alpha, opt, params, logger, step, args, "--lr, --eps")  # Eq. 5 / 7
+        z = sample_latent(E, G, torch.randn(B, nz, device=device), args.langevin_steps, args.eps, amp=amp)  # Eq. 8
+        with torch.no_grad(), amp():
+            x_model = G(z).float()
+        ebm_update(E, x, x_model, args.alpha, opt, params, logger, step, args, "--lr, --eps", amp)  # Eq. 5 / 7
         if args.eval_every and step % args.eval_every == 0:
             check(step)
-        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        stopping = stop.should_stop(step)  # every rank agrees (torchrun)
         if step % args.ckpt_every == 0 or step == args.steps or stopping or track["stopped"]:
             save(step)
-            save_samples(out, step, args, G, E, nz, device, batches is None)
+            save_samples(out, step, args, G, E, nz, device, batches is None, amp)
         if stopping:
             return None
     if track["stopped"] and common.is_main():
@@ -601,33 +773,47 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz):
     return track
 
 
-def train_pixel(args, E, batches, state, out, device, stop, shape):
-    """Du & Mordatch 2019 with a replay buffer of --buffer-size images (Appendix B.2)."""
+def buffer_share(full):
+    """This rank's rows of a replay buffer gathered from all ranks (the shares of
+    common.rank_share, in rank order): a run resumed on another number of processes splits
+    the same buffer among its own ranks."""
+    if not common.dist.is_initialized():
+        return full
+    shares = [None] * common.dist.get_world_size()
+    common.dist.all_gather_object(shares, common.rank_share(len(full)))
+    start = sum(shares[:common.dist.get_rank()])
+    return full[start:start + shares[common.dist.get_rank()]]
+
+
+def train_pixel(args, E, batches, state, out, device, stop, shape, amp):
+    """Du & Mordatch 2019 with a replay buffer of --buffer-size images (Appendix B.2), split
+    among the ranks and kept on the device."""
     params = list(E.parameters())
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.0, 0.999))
-    buffer = torch.rand(args.buffer_size, *shape) * 2 - 1  # uniform noise
+    buffer = torch.rand(common.rank_share(args.buffer_size), *shape, device=device) * 2 - 1  # uniform noise
     start = 0
     if state is not None:  # E itself is loaded in main()
         opt.load_state_dict(state["opt"])
-        buffer, start = state["buffer"], state["step"]
+        buffer, start = buffer_share(state["buffer"]).to(device), state["step"]
     logger = common.Logger(out, args.steps, initial=start)
-    B = per_rank(args.batch_size)
+    B = common.rank_share(args.batch_size)
 
     def save(step):
+        full = common.gather_rows(buffer)  # a collective: every rank's share, on rank 0
         common.save_checkpoint(out / "checkpoint.pt", {
             "script": "latent_tilt", "args": vars(args), "phase": "pixel", "step": step, "E": E.state_dict(),
-            "opt": opt.state_dict(), "buffer": buffer, "rng": common.rng_state(), "batches": batches.state_dict()})
+            "opt": opt.state_dict(), "buffer": full.cpu() if full is not None else None, "rng": common.rng_state(),
+            "batches": batches.state_dict()})
 
     for step in range(start + 1, args.steps + 1):
         x = next_batch(args, batches, B, device)
-        idx = torch.randint(args.buffer_size, (B,))
-        x0 = buffer[idx].to(device)
+        idx = torch.randint(len(buffer), (B,), device=device)
         fresh = torch.rand(B, device=device) < args.reinit  # 5% restart from uniform noise
-        x0 = torch.where(fresh[:, None, None, None], torch.rand_like(x0) * 2 - 1, x0)
-        x_model = sample_pixels(E, x0, args)
-        buffer[idx] = x_model.cpu()
-        ebm_update(E(x), E(x_model), args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step")
-        stopping = stop.should_stop()  # every rank agrees (torchrun)
+        x0 = torch.where(fresh[:, None, None, None], torch.rand_like(buffer[idx]) * 2 - 1, buffer[idx])
+        x_model = sample_pixels(E, x0, args, args.langevin_steps, amp)
+        buffer[idx] = x_model
+        ebm_update(E, x, x_model, args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step", amp)
+        stopping = stop.should_stop(step)  # every rank agrees (torchrun)
         if step % args.ckpt_every == 0 or step == args.steps or stopping:
             save(step)
             if common.is_main():
@@ -642,32 +828,43 @@ def train_pixel(args, E, batches, state, out, device, stop, shape):
 # Evaluation
 # ======================================================================================
 
-def generate(args, G, E, n, nz, device, tilt, batch=100):
-    """n samples x = G(z): z ~ p(z) (tilt=False) or z from Eq. 8 with --sample-steps."""
+def generate(args, G, E, z0, tilt, amp=contextlib.nullcontext):
+    """Samples x = G(z) and their z (on the CPU) from z0 ~ p(z) [n, nz]: z = z0 (tilt=False) or
+    Eq. 8 from z0 with --sample-steps; chains in batches of 100 images (toys: all at once)."""
+    batch = max(len(z0), 1) if args.dataset in common.TOYS else 100
     xs, zs = [], []
-    for i in range(0, n, batch):
-        z = torch.randn(min(batch, n - i), nz, device=device)
-        if tilt:
-            z = sample_latent(E, G, z, args.sample_steps, args.eps)
-        with torch.no_grad():
+    for z in z0.split(batch) if len(z0) else [z0]:  # n = 0: empty, but shaped
+        if tilt and len(z):
+            z = sample_latent(E, G, z, args.sample_steps, args.eps, amp=amp)
+        with torch.no_grad(), amp():
             xs.append(G(z).float().cpu())
         zs.append(z.cpu())
     return torch.cat(xs), torch.cat(zs)
 
 
+def gathered(x, device):
+    """gather_rows of a CPU tensor through the device (nccl gathers CUDA tensors); rank 0 gets
+    the CPU concatenation, the others None."""
+    x = common.gather_rows(x.to(device))
+    return x.cpu() if x is not None else None
+
+
 TOY_LIM = 2.0  # both toys lie within [-2, 2]^2 (NOTES.md scaling)
 
 
-def save_samples(out, step, args, G, E, nz, device, toy):
+def save_samples(out, step, args, G, E, nz, device, toy, amp):
+    """samples_STEP.png of the EBM (base + EBM), samples_base_STEP.png of the base (E None): the
+    two stages of --stage all count their own steps in one folder."""
     if not common.is_main():
         return
+    path = out / f"samples_{'base_' if E is None else ''}{step:06d}.png"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        x, _ = generate(args, G, E, 1000 if toy else 64, nz, device, tilt=E is not None)
+        x, _ = generate(args, G, E, torch.randn(1000 if toy else 64, nz, device=device), E is not None, amp)
     if toy:
         title = f"{'base + EBM' if E is not None else 'base'}, step {step}"
-        common.save_toy_panels(out / f"samples_{step:06d}.png", [(title, x)], lim=TOY_LIM)
+        common.save_toy_panels(path, [(title, x)], lim=TOY_LIM)
     else:
-        common.save_image_grid(out / f"samples_{step:06d}.png", x)
+        common.save_image_grid(path, x)
 
 
 def toy_metrics(prefix, x, args):
@@ -679,54 +876,68 @@ def toy_metrics(prefix, x, args):
     return m
 
 
-def evaluate(args, G, E, nz, device, out, test):
-    """Table 1 protocol for base and base + EBM (E None: base only); pictures of Fig. 5.1 / 5.3."""
+def evaluate(args, base, E, nz, device, out, test, amp):
+    """Table 1 protocol for base and base + EBM (E None: base only): the EBM's chains start at
+    the base's own z ~ p(z), drawn in shares by the ranks and scored on rank 0; pictures of
+    Fig. 5.1 / 5.3 from the same samples. Returns (metrics, (x, z)); other ranks: ({}, None)."""
     toy = args.dataset in common.TOYS
-    n = 2000 if toy else args.fid_samples
-    base, G = G, G.decode
+    n = args.eval_samples if toy else args.fid_samples
+    G = base.decode
+    z0 = torch.randn(common.rank_share(n or 64), nz, device=device)  # FID off: 64 for the pictures, samples.npz
     metrics, samples = {}, {}
     for prefix, tilt in [("base", False)] + ([("ebm", True)] if E is not None else []):
-        x, z = generate(args, G, E, max(n, 64), nz, device, tilt)  # 64 for samples.npz when FID is off
+        x, z = generate(args, G, E, z0, tilt, amp)
+        x, z = gathered(x, device), gathered(z, device)
+        if not common.is_main():
+            continue
         samples[prefix] = (x, z)
         if toy:
             metrics.update(toy_metrics(prefix, x, args))
         elif n > 0:
-            metrics[f"{prefix}_fid"] = common.fid_vs_data(x.to(device), args.dataset, args.data_dir, "test", device)
+            metrics[f"{prefix}_fid"] = common.fid_vs_data(fid_view(x).to(device), args.dataset, args.data_dir,
+                                                          args.fid_split, device)
+    if not common.is_main():
+        return {}, None
     if not toy:
-        xt = test[:1000].to(device)
+        xt = common.to_float(test[:1000]).to(device)
         with torch.no_grad():
             if isinstance(base, Glow):
                 metrics["base_bpd"] = bits_per_dim(base, xt).mean().item()
             else:
                 metrics["mse_recon"] = ((G(base.encode(xt)) - xt) ** 2).mean().item()
-    if common.is_main():
-        if toy:
-            panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(args.seed + 3))),
-                      ("VAE", samples["base"][0])] + ([("VAE + EBM", samples["ebm"][0])] if E is not None else [])
-            common.save_toy_panels(out / "tilt.png", panels, lim=TOY_LIM)
-        else:
-            z0 = torch.randn(64, nz, device=device)
-            grids = [common.image_grid(G(z0).detach())]
-            if E is not None:  # Figure 5.3: one chain per row, a column every 10 steps, prior on the left
-                z, info = sample_latent(E, G, z0[:8], args.sample_steps, args.eps, keep_every=10)
-                traj = torch.stack([G(t).detach().cpu() for t in info["traj"]], 1)  # [8, K, C, H, W]
-                common.save_image_grid(out / "langevin_traj.png", traj.flatten(0, 1), nrow=traj.shape[1])
-                grids.append(common.image_grid(G(sample_latent(E, G, z0, args.sample_steps, args.eps)).detach()))
-            sep = [np.full((grids[0].shape[0], 8, 3), 255, np.uint8)] if E is not None else []
-            common.save_png(out / "tilt.png", np.concatenate(grids[:1] + sep + grids[1:], 1))
+    if toy:
+        panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(args.seed + 3))),
+                  ("VAE", samples["base"][0])] + ([("VAE + EBM", samples["ebm"][0])] if E is not None else [])
+        common.save_toy_panels(out / "tilt.png", panels, lim=TOY_LIM)
+    else:  # tilt.png: base samples | the same z after Eq. 8
+        grids = [common.image_grid(samples[k][0][:64]) for k in samples]
+        if E is not None:  # Figure 5.3: one chain per row, a column every 10 steps, prior on the left
+            z8 = samples["base"][1][:8].to(device)
+            _, info = sample_latent(E, G, z8, args.sample_steps, args.eps, keep_every=10, amp=amp)
+            with torch.no_grad():
+                traj = torch.stack([G(t).float().cpu() for t in info["traj"]], 1)  # [8, K, C, H, W]
+            common.save_image_grid(out / "langevin_traj.png", traj.flatten(0, 1), nrow=traj.shape[1])
+        sep = [np.full((grids[0].shape[0], 8, 3), 255, np.uint8)] if E is not None else []
+        common.save_png(out / "tilt.png", np.concatenate(grids[:1] + sep + grids[1:], 1))
     return metrics, samples["ebm" if E is not None else "base"]
 
 
-def evaluate_pixel(args, E, buffer, device, out):
-    """FID of chains started from the replay buffer (Appendix B.2)."""
-    xs = []
-    for i in range(0, args.fid_samples, 100):
-        idx = torch.randint(len(buffer), (min(100, args.fid_samples - i),))
-        xs.append(sample_pixels(E, buffer[idx].to(device), args).cpu())
-    x = torch.cat(xs) if xs else buffer[:64]
-    metrics = {"fid": common.fid_vs_data(x.to(device), args.dataset, args.data_dir, "test", device)} if xs else {}
-    if common.is_main():
-        common.save_image_grid(out / "tilt.png", x[:64])
+def evaluate_pixel(args, E, buffer, device, out, amp):
+    """FID of chains started from the replay buffer (Appendix B.2), each rank from its own
+    share of it, scored on rank 0. Returns (metrics, x); other ranks: ({}, None)."""
+    xs = [buffer[:0].cpu()]
+    n = common.rank_share(args.fid_samples)
+    for i in range(0, n, 100):
+        idx = torch.randint(len(buffer), (min(100, n - i),), device=buffer.device)
+        xs.append(sample_pixels(E, buffer[idx].to(device), args, args.langevin_steps, amp).cpu())
+    x = gathered(torch.cat(xs), device)
+    if not common.is_main():
+        return {}, None
+    x = x if len(x) else buffer[:64].cpu()
+    metrics = {}
+    if args.fid_samples:
+        metrics["fid"] = common.fid_vs_data(x.to(device), args.dataset, args.data_dir, args.fid_split, device)
+    common.save_image_grid(out / "tilt.png", x[:64])
     return metrics, x
 
 
@@ -734,35 +945,41 @@ def evaluate_pixel(args, E, buffer, device, out):
 # Main
 # ======================================================================================
 
-def main():
-    args = resolve_defaults(common.parse_args(build_parser(), PRESETS))
-    rank, world = common.init_distributed()
-    own = Path(args.out) / "checkpoint.pt"
-    base_state = None
-    if args.stage == "ebm":  # the frozen base: its architecture flags come from its checkpoint
-        source = own if (args.resume or args.eval_only) and own.exists() else Path(args.base_ckpt)
-        if not source.exists():
-            raise common.UserError(f"no base checkpoint at {source}: run --stage base first, or pass --base-ckpt")
-        base_state = common.load_checkpoint(source, "latent_tilt", args, must_match=("dataset",), missing=OLD_CKPT)
-        if base_state["phase"] == "base" and base_state["step"] < base_state["args"]["base_steps"]:
-            raise common.UserError(f"{source} holds an unfinished base (step {base_state['step']}): "
-                                   "finish it with --stage base --resume")
-        for key in BASE_ARCH:
-            setattr(args, key, base_state["args"][key])
+def get_args(argv=None):
+    """Parse and resolve: under --stage ebm the base's flags are read from its checkpoint first.
+    Returns (args, the base checkpoint or None)."""
+    args = common.parse_args(build_parser(), PRESETS, argv)
+    base_state = read_base(args) if args.stage == "ebm" else None
+    return resolve_defaults(args), base_state
+
+
+def main(argv=None):
+    args, base_state = get_args(argv)
+    toy = args.dataset in common.TOYS
+    in_ch = 2 if toy else common.image_shape(args.dataset)[0]
+    s = None if toy else image_size(args)
+    nz = in_ch * s * s if args.base == "glow" and not toy else args.nz  # GLOW: full-dimensional z
+    if not args.print_config:  # which reads no data, not even a folder's file names
+        check_protocol(args)
     common.seed_everything(args.seed)
+    G = build_base(args, in_ch) if args.stage != "pixel" else None
+    E = build_energy(args, in_ch, sn=args.stage == "pixel") if args.stage != "base" else None
+    common.print_config(args, {name: net for name, net in (("base", G), ("energy", E)) if net is not None})
+
+    rank, world = common.init_distributed()
     device = common.pick_device(args.device)
+    amp = functools.partial(common.autocast, args.amp, device)
     data = load_data(args)
-    in_ch = 2 if data is None else data.shape[1]
-    nz = in_ch * image_size(args) ** 2 if args.base == "glow" and data is not None else args.nz  # GLOW: full-dim z
-    G = build_base(args, in_ch).to(device) if args.stage != "pixel" else None
-    E = build_energy(args, in_ch, sn=args.stage == "pixel").to(device) if args.stage != "base" else None
+    G = G.to(device) if G is not None else None
+    E = E.to(device) if E is not None else None
     common.seed_everything(args.seed + rank)
     out = common.prepare_out_dir(args, "latent_tilt")
     state = None
     if args.resume or args.eval_only:
+        arch = (BASE_ARCH if args.stage != "pixel" else ()) + (EBM_ARCH if args.stage != "base" else ()) \
+            + (("input_scale",) if toy else ()) + (("buffer_size",) if args.stage == "pixel" else ())
         state = common.load_checkpoint(out / "checkpoint.pt", "latent_tilt", args,
-                                       must_match=("dataset", "stage") + BASE_ARCH + EBM_ARCH
-                                       + (("input_scale",) if data is None else ()), missing=OLD_CKPT)
+                                       must_match=("dataset", "stage") + arch)
         common.set_rng_state(state["rng"])
     for m in (G, E):
         if m is not None:
@@ -770,7 +987,8 @@ def main():
     phase = state["phase"] if state is not None else None
     base_phase = args.stage in ("all", "base") and phase in (None, "base")
     batches = None if data is None else common.Batches(
-        data, (args.base_batch_size if base_phase else args.batch_size) // world, seed=args.seed)
+        data, common.rank_share(args.base_batch_size if base_phase else args.batch_size), seed=args.seed,
+        device=device)
     if state is not None and batches is not None and state.get("batches"):
         batches.load_state_dict(state["batches"])
     stop = common.StopFlag()
@@ -779,11 +997,13 @@ def main():
     if phase in ("ebm", "pixel"):
         common.load_state(E, state["E"], "energy")
     if args.stage == "pixel":
-        buffer = state["buffer"] if args.eval_only else train_pixel(args, E, batches, state, out, device, stop,
-                                                                     data.shape[1:])
+        if args.eval_only:
+            buffer = buffer_share(state["buffer"]).to(device)
+        else:
+            buffer = train_pixel(args, E, batches, state, out, device, stop, (in_ch, s, s), amp)
         if buffer is None:
             return
-        metrics, x = evaluate_pixel(args, E, buffer, device, out)
+        metrics, x = evaluate_pixel(args, E, buffer, device, out, amp)
         if args.eval_only and common.is_main():
             np.savez(out / "samples.npz", x=x.numpy())
         common.write_metrics(out, metrics)
@@ -793,28 +1013,28 @@ def main():
     if phase is not None or base_state is not None:
         common.load_state(G, (state if phase is not None else base_state)["base"], "base model")
     if base_phase and not args.eval_only:
-        if not train_base(args, G, batches, state, out, device, stop, nz):
+        if not train_base(args, G, batches, state, out, device, stop, nz, amp):
             return
         if args.stage == "all" and batches is not None:  # the EBM's own batch size from here on
-            batches = common.Batches(data, args.batch_size // world, seed=args.seed)
+            batches = common.Batches(data, common.rank_share(args.batch_size), seed=args.seed, device=device)
     G.eval().requires_grad_(False)
     if args.stage == "base" or phase == "base" and args.eval_only:
-        metrics, (x, z) = evaluate(args, G, None, nz, device, out, test)
+        metrics, samples = evaluate(args, G, None, nz, device, out, test, amp)
     else:
         if args.eval_only:
             track = state["track"]
         else:
-            track = train_ebm(args, G, E, batches, state if phase == "ebm" else None, out, device, stop, nz)
+            track = train_ebm(args, G, E, batches, state if phase == "ebm" else None, out, device, stop, nz, amp)
             if track is None:
                 return
         if track["best_E"] is not None:  # the early-stopped EBM
             common.load_state(E, track["best_E"], "energy")
         E.eval().requires_grad_(False)
-        metrics, (x, z) = evaluate(args, G, E, nz, device, out, test)
+        metrics, samples = evaluate(args, G, E, nz, device, out, test, amp)
         kept = track["best_step"] if track["best_E"] is not None else track["step"]  # --eval-every 0: the last
         metrics.update(ebm_steps=track["step"], ebm_best_step=kept)
     if args.eval_only and common.is_main():
-        np.savez(out / "samples.npz", x=x.numpy(), z=z.numpy())
+        np.savez(out / "samples.npz", x=samples[0].numpy(), z=samples[1].numpy())
     common.write_metrics(out, metrics)
 
 

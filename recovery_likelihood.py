@@ -9,14 +9,15 @@ is a plain marginal EBM; the progressive sampler from N(0, I) down the levels; l
 learned levels, starting at N(0, I) whose normaliser is known; FID on images; MMD and exact
 (quadrature) likelihood checks on 2-D toys. Energy networks: the authors' ResNet
 (common.EnergyResNet, spectral norm, time embedding; --net resnet, --preset paper) or, the
-image default, ours: f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U (--net unet,
-which on Fashion-MNIST at 1000 CPU steps draws items where the small ResNet draws blobs);
-an MLP with the ResNet's level conditioning for toys. The paper text we have is partial, so
-equations are labelled here:
+small preset's image default, ours: f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U
+(--net unet, which on Fashion-MNIST at 1000 CPU steps draws items where the small ResNet draws
+blobs); an MLP with the ResNet's level conditioning for toys. The paper text we have is partial,
+so equations are labelled here:
 
   (R1) forward pairs   x_t = abar_t x + sigmabar_t e,   x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
+                       (at the top, x_T = a_T x_{T-1} + sigma_T e', nearly N(0, I): a_T ~ 0.023 at T = 6)
   (R2) recovery model  p(y_t | x_{t+1}) ~ exp( f(y_t, t) / s_t^2 - ||y_t - x_{t+1}||^2 / (2 sigma_{t+1}^2) ),
-                       y_t = a_{t+1} x_t  (top level t = T-1: a = 1 and no Gaussian term)
+                       y_t = a_{t+1} x_t  (top level t = T-1: y = x_{T-1} and no Gaussian term)
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
                        s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md), and on images floored at
                        s_t >= floor * sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps
@@ -24,30 +25,50 @@ equations are labelled here:
                        K = 15 steps at 0.42 sigma_{t+1} (--net unet), 30 at 0.3 (--net resnet)
   (R3') drift cap      ours, --net resnet: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
                        c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (README)
-  (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code)
+  (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code), y- from (R2)
+                       started at x_{t+1}
   (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
   (R6) log Z by AIS    log Z_0 = log Z_T + log mean_i exp(log w_i),
                        log w_i = sum_{t=T-1..0} sum_{j=1..J} (1/J) [log g_t(x_ij) - log g_{t+1}(x_ij)],
        with g_t(x) = exp(f(a_{t+1} x, t) / s_t^2) the level-t model of x_t, g_T = N(0, I) (Z_T = 1),
        and x_ij moved by one MALA step targeting the bridge g_{t+1}^{1-j/J} g_t^{j/J} after each term.
-       Standard error (delta method): se(log Z) = std(w) / (sqrt(N) mean(w)).
-       Test NLL = mean_x [-log g_0(x)] + log Z_0, x = data + sigmabar_0 noise (level 0 is x_0).
+       Standard error (delta method): se(log Z) = std(w) / (sqrt(N) mean(w)). Toys: test NLL =
+       mean [-log g_0(x_0)] + log Z_0 nats, x_0 = data + sigmabar_0 noise (a density of level 0).
+  (R7) bits/dim        level 0 models x_0 = abar_0 x + sigmabar_0 e of an 8-bit image x; with the decoder
+                       P(x | x_0) ~ q(x_0 | x) = N(abar_0 x, sigmabar_0^2 I) over the pixel lattice,
+                       -log P(x) <= E_e[ -log g_0(x_0) ] + log Z_0 + D log(127.5 / abar_0)   (bits_per_dim)
 
 Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise.
+
+Presets. --preset paper (the default for cifar10, celeba, lsun_church, lsun_bedroom) is the authors'
+configuration (NOTES.md 1 and their README's commands): the ResNet with ch 128, spectral norm and
+leaky-ReLU; ch_mult (1,2,2,2) and 8 blocks (CIFAR-10), (1,2,2,2,4) and 6 (CelebA), (1,2,2,2,4,4) and
+2 (LSUN church) or 5 (LSUN bedroom); K = 30, b^2 = 2e-4, no step floor or drift cap; Adam lr 1e-4,
+beta1 0.9 (0.5 CelebA, LSUN), warm-up 1000, constant lr; EMA 0.999; batch 256 / 128 / 64. CelebA is
+64 x 64 here, as in the paper's figures (the authors' code's `celeba` is 32 x 32), with the
+multipliers their code uses at 64 px. --preset small (every other data set) is the CPU-sized one.
+Evaluation protocol under --preset paper, checked at start-up (common.check_fid_protocol): FID of
+50,000 progressive samples drawn with Langevin noise 0.99 (--sample-noise) against the statistics of
+the TRAINING split (--fid-split train; the authors' code scores against the training set's
+statistics, CIFAR-10 with as many samples as training images). Under torchrun every rank draws its
+share of the samples. --amp bf16 autocasts the network's forward passes only; f / s_t^2, the
+Langevin and AIS arithmetic and the log-densities stay fp32.
 
 Demo (offline, CPU: about 2 CPU-minutes, i.e. 2.5-4 minutes on 2 idle cores):
     python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
   expect mmd ~5e-4, |nll - nll_exact| ~0.01-0.05 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
     python recovery_likelihood.py --dataset fashion --steps 1000   # small U-Net energy, ~1 hour on 2 cores
-  expect FID ~115 (500 samples; 116.4 and 114.1 in our runs) and recognisable items (README,
+  expect FID ~115 (500 samples against the test split) and recognisable items (README,
   Fashion-MNIST; --net resnet: blobs, ~170)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
+    python recovery_likelihood.py --dataset cifar10 --print-config    # the resolved configuration
 """
 import argparse
 import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -60,19 +81,25 @@ import common
 # Arguments
 # ======================================================================================
 
-_PAPER = dict(net="resnet", n_steps=30, b_square=2e-4, step_cap=0.3, step_floor=0.0, drift_cap=0.0, lr=1e-4,
-              lr_decay="none", warmup=1000, steps=400000, fid_samples=50000)
-PRESETS = {  # the paper / authors' code; `steps` is our choice (not in the text we have)
-    "cifar10": dict(_PAPER, ch=128, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, beta1=0.9),
-    "celeba": dict(_PAPER, ch=128, ch_mult="1,2,2,2,4", num_blocks=2, batch_size=128, beta1=0.5),
-    "lsun_church": dict(_PAPER, ch=128, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, beta1=0.5),
+# The paper / authors' code (NOTES.md 1; blocks, beta1 and batch per data set from their README's
+# commands and their code's default batch of 64). `steps` is ours (the text we have gives none).
+_PAPER = dict(net="resnet", ch=128, sn=True, act="lrelu", T=6, n_steps=30, b_square=2e-4,
+              step_cap=0.3,  # inactive at b^2 = 2e-4: s_t <= 0.15 sigma_{t+1}
+              step_floor=0.0, drift_cap=0.0, lr=1e-4, lr_decay="none", warmup=1000, ema=0.999, flip=True,
+              sample_noise=0.99, steps=400000, fid_samples=50000, fid_split="train")
+PRESETS = {
+    "cifar10": dict(_PAPER, ch_mult="1,2,2,2", num_blocks=8, batch_size=256, beta1=0.9),
+    # 64 x 64 as in the paper's figures (the authors' code's `celeba` is 32 x 32, ch_mult 1,2,2,2)
+    "celeba": dict(_PAPER, ch_mult="1,2,2,2,4", num_blocks=6, batch_size=128, beta1=0.5),
+    "lsun_church": dict(_PAPER, ch_mult="1,2,2,2,4,4", num_blocks=2, batch_size=64, beta1=0.5),
+    "lsun_bedroom": dict(_PAPER, ch_mult="1,2,2,2,4,4", num_blocks=5, batch_size=64, beta1=0.5),
 }
-PRESETS["lsun_bedroom"] = PRESETS["lsun_church"]
 
 
 def get_args(argv=None):
     p = common.base_parser(__doc__.splitlines()[0], dataset="8gaussians", steps=3000, batch_size=None,
-                           fid_samples=500, batch_size_help="default 256 toys, 64 images")
+                           fid_samples=500,
+                           batch_size_help="default 256 toys, 64 images; paper 256 CIFAR-10, 128 CelebA, 64 LSUN")
     p.add_argument("--T", type=int, default=6, help="number of noise levels (paper: 6 for FID, 1000 for likelihood)")
     p.add_argument("--n-steps", type=int, default=None,
                    help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, README)")
@@ -93,26 +120,27 @@ def get_args(argv=None):
                         "0: off, toys, paper and --net unet, whose chains it would hold back)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (paper 1e-4, --preset paper; default 5e-4, for runs of ~1000 steps: "
-                        "higher lets the toys' mode weights wander; with --net resnet 1e-3, and longer runs at 5e-4 or "
-                        "2.5e-4, ran away at level 0: README, Stability)")
+                   help="Adam learning rate (paper 1e-4; default 5e-4, for runs of ~1000 steps: higher lets the "
+                        "toys' mode weights wander, and --net resnet can run away at level 0: README, Stability)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
-                   help="lr after warm-up (paper and --preset paper: none; default cosine to 0: on toys the level-0 "
-                        "mode weights wander with the lr; with --net resnet cosine without --drift-cap ran away, README)")
+                   help="lr after warm-up (paper: none; default cosine to 0: on toys the level-0 mode weights wander "
+                        "with the lr; with --net resnet use it with --drift-cap, README)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (images; paper: on)")
     p.add_argument("--net", default=None, choices=["resnet", "unet"],
-                   help="image energy: resnet, the authors' (--preset paper); unet (default without a preset, ours): "
+                   help="image energy: resnet, the authors' (--preset paper); unet (--preset small's default, ours): "
                         "f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U, which at 1000 CPU steps draws "
                         "items where the small ResNet draws blobs (README, Fashion-MNIST)")
     p.add_argument("--ch", type=int, default=None,
-                   help="base channels (paper 128; default 32 for resnet, 16 for unet: 1000 CPU steps in about an hour)")
-    p.add_argument("--ch-mult", default="1,2,2", help="channel multipliers (paper 1,2,2,2 at 32 px)")
-    p.add_argument("--num-blocks", type=int, default=1, help="res blocks per resolution (paper 8 for CIFAR-10, 2 else)")
+                   help="base channels (paper 128; default 32 for resnet, 16 for unet: 1000 CPU steps in ~1 hour)")
+    p.add_argument("--ch-mult", default="1,2,2",
+                   help="channel multipliers (paper 1,2,2,2 at 32 px, 1,2,2,2,4 at 64, 1,2,2,2,4,4 at 128)")
+    p.add_argument("--num-blocks", type=int, default=1,
+                   help="res blocks per resolution (paper 8 CIFAR-10, 6 CelebA, 2 LSUN church, 5 LSUN bedroom)")
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
                    help="spectral norm on every conv and dense layer of the ResNet but the head's time-embedding "
                         "projection (authors' code: on)")
@@ -136,6 +164,7 @@ def get_args(argv=None):
     elif args.net is None:
         args.net = "unet"
     unet = args.net == "unet"
+    # --preset small, and whatever flag a paper preset leaves unset: the CPU-sized defaults
     defaults = dict(batch_size=256 if toy else 64, b_square=3e-2 if toy else 2e-4, lr=5e-4,
                     warmup=100, ema=0.995 if toy else 0.999, lr_decay="cosine",
                     ch=16 if unet else 32, n_steps=15 if unet else 30, step_cap=0.42 if unet else 0.3,
@@ -155,6 +184,9 @@ def get_args(argv=None):
         raise common.UserError(f"--T must be in 2..1000 (got {args.T})")
     if args.long_run < 0:
         raise common.UserError(f"--long-run must be >= 0 (got {args.long_run})")
+    if not all(m.strip().isdigit() and int(m) > 0 for m in str(args.ch_mult).split(",")):
+        raise common.UserError(f"--ch-mult must be positive integers separated by commas, e.g. 1,2,2,2 "
+                               f"(got {args.ch_mult})")
     return args
 
 
@@ -164,13 +196,13 @@ def get_args(argv=None):
 
 
 def load_data(args):
-    """Toys: None (fresh samples each step). Images: (train uint8, test uint8), 28 px padded to 32."""
+    """Toys: (None, None) (fresh samples each step). Images: (train, test), uint8 arrays [N, C, H, W]
+    or, for CelebA and LSUN, folders read lazily (common.ImageFolder); 28 px padded to 32."""
     if args.dataset in common.TOYS:
         return None, None
     pad = args.dataset in ("mnist", "fashion")
-    train = torch.from_numpy(common.load_images(args.dataset, args.data_dir, "train", pad_to_32=pad))
-    test = torch.from_numpy(common.load_images(args.dataset, args.data_dir, "test", pad_to_32=pad))
-    return train, test
+    return (common.load_images(args.dataset, args.data_dir, "train", pad_to_32=pad),
+            common.load_images(args.dataset, args.data_dir, "test", pad_to_32=pad))
 
 
 def diffusion_schedule(T):
@@ -198,9 +230,10 @@ def diffusion_schedule(T):
 
 
 def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor=0.0):
-    """diffusion_schedule plus what the sampler needs, as float32 on `device`:
-    a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top), recovery[t+1] (0 at the top:
-    no Gaussian term), s[t] the Langevin step of level t (R3, with the floor and the cap)."""
+    """diffusion_schedule plus what the sampler needs, as float32 on `device` (moved there once;
+    T and drift_cap stay Python numbers): a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top),
+    recovery[t+1] (0 at the top: no Gaussian term), s[t] the Langevin step of level t (R3, with the
+    floor and the cap)."""
     sch = diffusion_schedule(T)
     a_prev = sch["a"].clone()
     a_prev[T] = 1.0  # top level: marginal EBM of x_{T-1} itself
@@ -211,16 +244,18 @@ def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor
     floor = (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2  # ours, images: above level 0 only (README)
     s2 = torch.maximum(s2, floor)  # so that K steps can reach p(y_t | x_{t+1})
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
-    sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt(), T=torch.tensor(T))
-    sch = {k: v.float().to(device) if v.dtype == torch.float64 else v for k, v in sch.items()}
-    return dict(sch, drift_cap=drift_cap)
+    sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt())
+    sch = {k: v.float().to(device) for k, v in sch.items()}
+    return dict(sch, T=T, drift_cap=drift_cap)
 
 
 def q_sample_pairs(x, t, sch):
-    """(R1): (x_t, x_{t+1}) for data x [B, ...] and levels t [B]."""
+    """(R1): (x_t, x_{t+1}) for data x [B, ...] and levels t [B]. x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
+    at every level, the top one included (a_T x_{T-1} + sigma_T e', nearly N(0, I); authors' code):
+    a_T here, not the a_prev = 1 that only scales the top level's y."""
     col = lambda v: v[t].reshape(-1, *([1] * (x.dim() - 1)))
     x_t = col(sch["abar"]) * x + col(sch["sigmabar"]) * torch.randn_like(x)
-    x_next = col(sch["a_prev"][1:]) * x_t + col(sch["sigma"][1:]) * torch.randn_like(x)
+    x_next = col(sch["a"][1:]) * x_t + col(sch["sigma"][1:]) * torch.randn_like(x)
     return x_t, x_next
 
 # ======================================================================================
@@ -231,19 +266,25 @@ def q_sample_pairs(x, t, sch):
 class EnergyMLP(nn.Module):
     """Toy energy f(y [B, 2], t [B]) -> [B]: the ResNet's level conditioning in an MLP. A
     sinusoidal embedding of t -> two dense layers; its projection is added after every hidden
-    layer, and the output is the last hidden layer dotted with a vector from the embedding."""
+    layer, and the output is the last hidden layer dotted with a vector from the embedding.
+    n_levels: the number of levels T (the level vectors are computed once per level and
+    gathered when T <= B)."""
 
-    def __init__(self, hidden=128, depth=3, input_scale=4.0, temb=32):
+    def __init__(self, hidden=128, depth=3, input_scale=4.0, temb=32, n_levels=6):
         super().__init__()
-        self.input_scale, self.temb_dim = input_scale, temb
+        self.input_scale, self.temb_dim, self.n_levels = input_scale, temb, n_levels
         self.temb = nn.Sequential(nn.Linear(temb, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.layers = nn.ModuleList([nn.Linear(2 if i == 0 else hidden, hidden) for i in range(depth)])
         self.temb_proj = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth)])
         self.head = nn.Linear(hidden, hidden)
 
     def forward(self, y, t):
-        # the level vectors depend on t alone: compute them once per distinct level and gather
-        levels, index = torch.unique(t, return_inverse=True)
+        # the level vectors depend on t alone: a table of all T levels, gathered (torch.unique
+        # would cost a host sync per call), or one per example when there are more levels than examples
+        if self.n_levels <= len(t):
+            levels, index = torch.arange(self.n_levels, device=t.device), t
+        else:
+            levels, index = t, slice(None)
         temb = self.temb(common.timestep_embedding(levels, self.temb_dim))
         h = y * self.input_scale  # NOTES.md: toys needed the input scaled by ~4
         for layer, proj in zip(self.layers, self.temb_proj):
@@ -266,16 +307,17 @@ class EnergyUNet(nn.Module):
         self.register_buffer("scale", (sch["s"] ** 2 / (2 * v)).float().cpu())
 
     def forward(self, y, t):
-        return -self.scale[t] * (y - self.unet(y, t)).flatten(1).pow(2).sum(1)
+        # U's output in fp32 (under --amp bf16 U runs in bf16): the difference and its norm stay fp32
+        return -self.scale[t] * (y - self.unet(y, t).float()).flatten(1).pow(2).sum(1)
 
 
 def make_model(args, in_ch):
     """The energy network f(y, t): an MLP for 2-D toys; for images the authors' ResNet (--net
     resnet; common.EnergyResNet: time embedding in every block, spectral norm on all but the
     head, leaky-ReLU 0.2, avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)
-    or our U-Net energy (--net unet, the default without a preset)."""
+    or our U-Net energy (--net unet, --preset small's image default)."""
     if args.dataset in common.TOYS:
-        return EnergyMLP(args.hidden, 3, args.input_scale)
+        return EnergyMLP(args.hidden, 3, args.input_scale, n_levels=args.T)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
     if args.net == "unet":
         sch = make_schedule(args.T, args.b_square, args.step_cap, step_floor=args.step_floor)
@@ -284,6 +326,20 @@ def make_model(args, in_ch):
     silu = nn.SiLU() if args.act == "silu" else None  # ours, --act silu: a smooth f (README, Deviations)
     return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn,
                                act=silu, final_act=silu)
+
+
+def with_amp(f, amp, device):
+    """f(y, t) with its forward pass under bf16 autocast (--amp bf16) and its output cast back to
+    fp32, so that f / s_t^2, the Langevin steps and the loss are fp32 arithmetic; f itself for
+    --amp none. The AIS and NLL log-densities use f unwrapped (fp32 throughout)."""
+    if amp == "none":
+        return f
+
+    def f_amp(y, t):
+        with common.autocast(amp, device):
+            out = f(y, t)
+        return out.float()
+    return f_amp
 
 # ======================================================================================
 # Objective
@@ -306,14 +362,14 @@ def recovery_log_p(f, x_next, t, sch):
 
 
 def training_step(f, x, sch, n_steps):
-    """One recovery-likelihood loss on data x [B, ...]; returns (loss, diagnostics dict)."""
+    """One recovery-likelihood loss (R4) on data x [B, ...]; returns (loss, diagnostics dict).
+    f: the energy network, or with_amp(network) under --amp bf16."""
     T = int(sch["T"])
     t = torch.randint(T, (x.shape[0],), device=x.device)  # a level per example, uniform
     x_t, x_next = q_sample_pairs(x, t, sch)  # (R1)
     y_pos = column(sch["a_prev"][t + 1], x) * x_t  # the EBM sees y = a_{t+1} x_t (R2)
-    top = column((t == T - 1).float(), x)
-    start = top * torch.randn_like(x) + (1 - top) * x_next  # top chains from N(0, I), others from x_{t+1}
-    y_neg, info = recovery_sample(f, start, x_next, t, sch, n_steps, 1.0, trace=True)
+    # every chain starts at x_{t+1}; at the top that is a_T x_{T-1} + sigma_T e', nearly N(0, I)
+    y_neg, info = recovery_sample(f, x_next, x_next, t, sch, n_steps, 1.0, trace=True)
     f_pos, f_neg = f(y_pos, t), f(y_neg, t)
     weight = sch["sigma"][1] / sch["sigma"][t + 1]  # (R4): authors' code weighting
     loss = -((f_pos - f_neg) * weight).mean()
@@ -392,16 +448,21 @@ def diagnostics(loss, diag, T, grad_norm):
     return row
 
 
-def check_runaway(step, loss, limit=5.0):
+def runaway_limit(dim):
+    """check_runaway's limit on |loss| for data of dim dimensions: 5 per 1024 dimensions, at least 5."""
+    return 5.0 * max(1.0, dim / 1024)
+
+
+def check_runaway(step, loss, dim):
     """Stop a run whose loss (a weighted mean energy gap) has run away: the sampler's chains no
-    longer reach the model's modes and the energies grow. In our 38 logged fashion runs with the
-    ResNet no run that recovered ever logged |loss| above 3.3, and every run that went past 3.3
-    had run away, its first such value between 5.8 and 7e3 (one peaked at 94 and fell back to
-    |loss| ~0 with a broken model: docs/recovery_likelihood_fashion_resnet.md); the U-Net energy's
-    run logged at most 2.35 (step 50), then 0.8. Checked only after the lr warm-up: until then
-    the gap measures the fresh network's mismatch (the U-Net energy's |loss| is 20-30 at step 1),
-    and no run ran away before step ~400. NaN is caught by common.check_finite; this catches the
-    finite blow-up."""
+    longer reach the model's modes and the energies grow without bound. The limit, 5 at 1024
+    dimensions, was set on 32 x 32 Fashion-MNIST, where healthy runs stay below it and runaways
+    pass it (docs/); it grows in proportion to D above that, because f is a sum over pixels (the
+    ResNet's spatial sum, the U-Net energy's squared norm), so a healthy gap does too: 15 for
+    CIFAR-10, 60 for CelebA 64, 240 for LSUN 128 (runaway_limit). Checked only after the lr
+    warm-up (until then the gap measures the fresh network's mismatch). NaN is caught by
+    common.check_finite; this catches the finite blow-up."""
+    limit = runaway_limit(dim)
     if abs(loss) > limit:
         raise common.Diverged(f"training diverged at step {step} (|loss| = {abs(loss):.3g} > {limit:g}: the samples' "
                               "energies ran away from the data's); checkpoints written so far are from before it. "
@@ -439,7 +500,9 @@ def ais_log_z(f, n, shape, sch, steps_per_level, device):
     """(R6): AIS from N(0, I) down the learned levels, one MALA step per geometric bridge.
 
     The MALA step starts at the level's Langevin step (in x units) and adapts to keep the
-    acceptance near 0.6. The kernel is written out here rather than taken from
+    acceptance near 0.6; it is a tensor on the device, so the adaptation costs no host sync.
+    Accept / reject is a select (torch.where): a rejected proposal, even an inf or NaN one,
+    never enters the chain. The kernel is written out here rather than taken from
     common.langevin because its target changes at every step and the two levels' values at
     the current point are reused for the weights. Returns (log Z_0, its standard error, ESS).
     """
@@ -453,28 +516,29 @@ def ais_log_z(f, n, shape, sch, steps_per_level, device):
             g_lo = torch.autograd.grad(lo.sum(), x)[0]
         return hi.detach().double(), lo.detach().double(), g_hi, g_lo
 
+    def log_q(a, m, step):  # the MALA proposal's log-density, up to its constant
+        return -((a - m) ** 2).flatten(1).sum(1).double() / (2 * step.double() ** 2)
+
     x = torch.randn(n, *shape, device=device)
     log_w = torch.zeros(n, dtype=torch.float64, device=device)
     for level in reversed(range(T)):
-        step = float(sch["s"][level] / sch["a_prev"][level + 1])
+        step = sch["s"][level] / sch["a_prev"][level + 1]  # a 0-dim tensor on the device
         hi, lo, g_hi, g_lo = both_levels(x, level)
         for j in range(1, steps_per_level + 1):
             log_w += (lo - hi) / steps_per_level  # the weight of moving from bridge j-1 to j
             beta = j / steps_per_level
             lp = (1 - beta) * hi + beta * lo
-            grad = (1 - beta) * g_hi + beta * g_lo
-            mean = x + 0.5 * step ** 2 * grad
+            mean = x + 0.5 * step ** 2 * ((1 - beta) * g_hi + beta * g_lo)
             prop = mean + step * torch.randn_like(x)
             hi2, lo2, g_hi2, g_lo2 = both_levels(prop, level)
             lp2 = (1 - beta) * hi2 + beta * lo2
             mean_back = prop + 0.5 * step ** 2 * ((1 - beta) * g_hi2 + beta * g_lo2)
-            log_q = lambda a, m: -((a - m) ** 2).flatten(1).sum(1).double() / (2 * step ** 2)
-            accept = torch.rand(n, device=device).double().log() < lp2 - lp + log_q(x, mean_back) - log_q(prop, mean)
-            a = column(accept.float(), x)
-            x = a * prop + (1 - a) * x
+            log_u = torch.rand(n, device=device).double().log()
+            accept = log_u < lp2 - lp + log_q(x, mean_back, step) - log_q(prop, mean, step)  # NaN: rejected
+            keep = column(accept, x)
+            x, g_hi, g_lo = torch.where(keep, prop, x), torch.where(keep, g_hi2, g_hi), torch.where(keep, g_lo2, g_lo)
             hi, lo = torch.where(accept, hi2, hi), torch.where(accept, lo2, lo)
-            g_hi, g_lo = a * g_hi2 + (1 - a) * g_hi, a * g_lo2 + (1 - a) * g_lo
-            step *= 1.05 if accept.float().mean() > 0.6 else 0.95
+            step = step * torch.where(accept.float().mean() > 0.6, 1.05, 0.95)
     log_z = torch.logsumexp(log_w, 0) - math.log(n)
     w = torch.exp(log_w - log_w.max())
     se = (w.std() / (math.sqrt(n) * w.mean())).item()
@@ -526,10 +590,49 @@ def mode_weight_split(f, sch, name, lim, n):
     return log_mass.exp().tolist(), kl
 
 
-def evaluate_toy(f, args, sch, device, out):
-    """mmd, nll (AIS), nll_exact (quadrature), nll_true, the mode-weight split, hq_frac/modes."""
+def bits_per_dim(f, x, sch, log_z, batch=100):
+    """(R7): an upper bound on the negative log-likelihood of 8-bit images x [N, ...] (as floats in
+    [-1, 1]) in bits per dimension, one value per image (float64 [N]); log_z: log Z_0 (AIS).
+
+    Level 0 is a density g_0 / Z_0 of x_0 = abar_0 x + sigmabar_0 e, a continuous variable, while x
+    lives on the lattice {k / 127.5 - 1}. Decode with P(x | x_0) = q(x_0 | x) / sum_x' q(x_0 | x'),
+    q = N(abar_0 x, sigmabar_0^2 I): a distribution over the lattice. In x_0 units the lattice step
+    is Delta = abar_0 / 127.5 and sigmabar_0 / Delta = 1.275, so by Poisson summation
+    Delta^D sum_x' q(x_0 | x') <= (1 + 2 exp(-2 pi^2 (sigmabar_0 / Delta)^2))^D = 1 + O(D e^-32) (the
+    truncated lattice only lowers the sum), hence P(x | x_0) >= Delta^D q(x_0 | x), and with Jensen
+        P(x) = int p(x_0) P(x | x_0) dx_0 >= Delta^D E_q[p(x_0)] >= Delta^D exp(E_q[log p(x_0)]):
+        -log P(x) <= E_e[ -log g_0(x_0) ] + log Z_0 + D log(127.5 / abar_0)     nats,
+    estimated with one draw x_0 ~ q(x_0 | x) per image and divided by D log 2. (The entropy of q
+    does not enter: a bound without the decoder would not bound the probability of x.)
+    """
+    abar0, sigmabar0 = sch["abar"][0], sch["sigmabar"][0]
+    x0 = abar0 * x + sigmabar0 * torch.randn_like(x)  # x_0 ~ q(x_0 | x), level 0 (R1)
+    D = x[0].numel()
+    nats = nll_terms(f, x0, sch, batch) + log_z + D * math.log(127.5 / float(abar0))
+    return nats / (D * math.log(2))
+
+
+def draw_samples(f, n, shape, sch, args, device, chunk=100):
+    """(R5) samples for the metrics, shared by the ranks under torchrun: each rank draws its share
+    of n (common.rank_share) in chunks from its own random stream, and rank 0 collects them chunk
+    by chunk (common.gather_rows, a collective). Returns x [n, ...] on the CPU on rank 0, None on
+    the other ranks."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    mine, most = common.rank_share(n), -(-n // world)  # every rank calls gather_rows equally often
+    parts = []
+    for i in range(0, most, chunk):
+        k = max(0, min(chunk, mine - i))
+        x = (progressive_sample(f, k, shape, sch, args.n_steps, args.sample_noise, device) if k
+             else torch.empty(0, *shape, device=device))
+        x = common.gather_rows(x)
+        if x is not None:
+            parts.append(x.cpu())
+    return torch.cat(parts) if common.is_main() else None
+
+
+def evaluate_toy(f, args, sch, device, x_gen):
+    """mmd of x_gen, nll (AIS), nll_exact (quadrature), nll_true, the mode-weight split, hq_frac/modes."""
     sigmabar0 = float(sch["sigmabar"][0])
-    x_gen = progressive_sample(f, args.eval_samples, (2,), sch, args.n_steps, args.sample_noise, device).cpu()
     data = common.toy_sample(args.dataset, args.eval_samples)
     metrics = {"mmd": common.mmd_rbf(x_gen, data + sigmabar0 * torch.randn_like(data))}
     x_test = common.toy_sample(args.dataset, args.test_points)
@@ -551,36 +654,32 @@ def evaluate_toy(f, args, sch, device, out):
         metrics["nll_within_mode"] = metrics["nll_exact"] - metrics["nll_true"] - kl
         metrics["mode_mass_min"], metrics["mode_mass_max"] = min(masses), max(masses)
         metrics.update(common.mode_stats(x_gen, args.dataset))
-    return metrics, x_gen
+    return metrics
 
 
-def evaluate_images(f, args, sch, device, out, test, shape):
-    """FID (and IS where torch-fidelity's weights exist) of progressive samples; test NLL in
-    bits/dim by (R6) when the AIS effective sample size allows it. Returns (metrics, samples)."""
+def evaluate_images(f, args, sch, device, test, x_gen):
+    """FID (and IS where torch-fidelity's weights exist) of the progressive samples x_gen against
+    --fid-split; test NLL in bits/dim by (R6, R7) when the AIS effective sample size allows it."""
     metrics = {}
-    n = args.fid_samples or 64
-    xs = torch.cat([progressive_sample(f, min(100, n - i), shape, sch, args.n_steps, args.sample_noise, device)
-                    for i in range(0, n, 100)]).cpu()
     if args.fid_samples:
-        metrics["fid"] = common.fid_vs_data(xs, args.dataset, args.data_dir, "test", device)
-        probs = common.inception_probs(xs, device)
+        metrics["fid"] = common.fid_vs_data(x_gen, args.dataset, args.data_dir, args.fid_split, device)
+        probs = common.inception_probs(x_gen, device)
         if probs is not None:
             metrics["is"] = common.inception_score(probs)[0]
-    log_z, log_z_se, ess = ais_log_z(f, args.ais_particles, shape, sch, args.ais_steps, device)
+    log_z, log_z_se, ess = ais_log_z(f, args.ais_particles, tuple(x_gen.shape[1:]), sch, args.ais_steps, device)
     metrics["ais_ess"] = ess
     if not ais_reliable(ess, args.ais_particles):  # E[log Z-hat] < log Z: a log Z or bpd from here is only a low guess
         print("log_z and bpd not reported (AIS ESS too low); the paper's likelihood setting is --T 1000")
-        return metrics, xs
+        return metrics
     metrics.update(log_z=log_z, log_z_se=log_z_se)
     x_test = common.to_float(test[: args.test_points])
-    x_test = x_test + float(sch["sigmabar"][0]) * torch.randn_like(x_test)
-    terms = nll_terms(f, x_test.to(device), sch, batch=100).cpu()
-    D = x_test[0].numel()
-    # density on the [0, 256) pixel scale: divide by 127.5 per dimension; then bits per dimension
-    nats = terms.mean().item() + log_z + D * math.log(127.5)
-    metrics["bpd"] = nats / (D * math.log(2))
-    metrics["bpd_se"] = math.sqrt(terms.var().item() / len(terms) + log_z_se ** 2) / (D * math.log(2))
-    return metrics, xs
+    if len(x_test):
+        bpd = bits_per_dim(f, x_test.to(device), sch, log_z).cpu()
+        D = x_test[0].numel()
+        metrics["bpd"] = bpd.mean().item()
+        var = bpd.var().item() if len(bpd) > 1 else 0.0
+        metrics["bpd_se"] = math.sqrt(var / len(bpd) + (log_z_se / (D * math.log(2))) ** 2)
+    return metrics
 
 
 def save_pictures(f, args, sch, device, out, name, shape, toy):
@@ -607,7 +706,8 @@ def save_long_run(f, args, sch, device, out, shape, toy):
     else:
         common.save_image_grid(out / "long_run.png", torch.stack(snaps, 1).reshape(-1, *shape).cpu(), nrow=len(snaps))
     series = {k: v for k, v in list(energies.items())[-5:]}
-    common.save_line_plot(out / "long_run_energy.png", series, title="mean log p along the chain")
+    common.save_line_plot(out / "long_run_energy.png", series, xlabel="Langevin step", ylabel="mean log p(y)",
+                          title="long-run chains: mean log-density per level")
     (out / "long_run.json").write_text(json.dumps(energies) + "\n")
 
 
@@ -616,14 +716,17 @@ def save_long_run(f, args, sch, device, out, shape, toy):
 # ======================================================================================
 
 
-def main():
-    args = get_args()
-    rank, world = common.init_distributed()
+def main(argv=None):
+    args = get_args(argv)
     toy = args.dataset in common.TOYS
+    shape = (2,) if toy else common.image_shape(args.dataset, pad_to_32=args.dataset in ("mnist", "fashion"))
     common.seed_everything(args.seed)
-    train, test = load_data(args)
-    shape = (2,) if toy else tuple(train.shape[1:])
+    if not args.print_config:
+        common.check_fid_protocol(args)  # a sample count the reference split cannot serve fails now, not after training
     model = make_model(args, shape[0])
+    common.print_config(args, {"energy": model})  # --print-config: print, exit; no data read, no file touched
+    rank, world = common.init_distributed()
+    train, test = load_data(args)
     ema = common.make_ema(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     common.seed_everything(args.seed + rank)
@@ -631,14 +734,16 @@ def main():
     model.to(device), ema.to(device)
     out = common.prepare_out_dir(args, "recovery_likelihood")
     sch = make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap, args.step_floor)
-    batches = None if toy else common.Batches(train, args.batch_size // world, seed=args.seed)
+    workers = max(1, min(4, (os.cpu_count() or 1) // world))  # image decoders for CelebA / LSUN (folders)
+    batches = None if toy else common.Batches(train, args.batch_size // world, args.seed, device, workers)
+    dim = math.prod(shape)
     step = 0
     if args.resume or args.eval_only:
+        # every flag that changes the network, the levels or the objective's negatives (the chain) must match
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
-                                       must_match=("dataset", "T", "net", "ch", "ch_mult", "num_blocks", "act",
-                                                   "hidden", "sn", "b_square", "step_floor", "step_cap"),
-                                       missing={"sn": True, "act": "lrelu", "step_floor": 0.0,  # flags that came later
-                                                "net": "mlp" if toy else "resnet", "step_cap": 0.3})
+                                       must_match=("dataset", "T", "net", "ch", "ch_mult", "num_blocks", "act", "sn",
+                                                   "hidden", "input_scale", "n_steps", "b_square", "step_cap",
+                                                   "step_floor", "drift_cap", "flip"))
         common.load_state(model, state["model"], "model")
         common.load_state(ema, state["ema"], "EMA model")
         common.load_state(opt, state["opt"], "optimiser")
@@ -656,22 +761,23 @@ def main():
             "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": common.rng_state(),
             "batches": batches.state_dict() if batches is not None else {}})
 
+    f_train, f_sample = with_amp(model, args.amp, device), with_amp(ema, args.amp, device)
     if not args.eval_only:
         stop = common.StopFlag()
         logger = common.Logger(out, args.steps, initial=step)
         params = list(model.parameters())
         while step < args.steps:
-            if stop.should_stop():  # every rank agrees (torchrun)
+            if stop.should_stop(step):  # every rank agrees (torchrun)
                 save()
                 return
             if toy:
                 x = common.toy_sample(args.dataset, args.batch_size // world).to(device)
             else:
-                x = common.to_float(next(batches)).to(device)
+                x = common.to_float(next(batches))  # on the device already
                 x = common.random_flip(x) if args.flip else x
             for group in opt.param_groups:
                 group["lr"] = learning_rate(args, step)
-            loss, diag = training_step(model, x, sch, args.n_steps)
+            loss, diag = training_step(f_train, x, sch, args.n_steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             common.average_gradients(params)
@@ -683,8 +789,9 @@ def main():
             logger.update()
             log_due = step % args.log_every == 0 or step == args.steps
             save_due = step % args.ckpt_every == 0 or step == args.steps
+            # host syncs (.item()) only here, at log and checkpoint steps
             if (log_due or save_due) and step > args.warmup:  # before a checkpoint could store a runaway model
-                check_runaway(step, common.mean_over_ranks(loss))
+                check_runaway(step, common.mean_over_ranks(loss), dim)
             if log_due:
                 gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None)).item()
                 row = diagnostics(loss, diag, args.T, gnorm)
@@ -692,22 +799,24 @@ def main():
                 logger.log(step, args.batch_size, **row)
             if save_due:
                 # pictures first: the checkpoint then holds the RNG state the next step uses
-                save_pictures(ema, args, sch, device, out, f"samples_{step}.png", shape, toy)
+                save_pictures(f_sample, args, sch, device, out, f"samples_{step}.png", shape, toy)
                 save()
         logger.close()
 
-    if not common.is_main():  # under torchrun rank 0 evaluates alone (every rank holds the same EMA weights)
+    # every rank draws its share of the samples; rank 0 computes the metrics (same EMA weights everywhere)
+    n = args.eval_samples if toy else (args.fid_samples or 64)
+    x_gen = draw_samples(f_sample, n, shape, sch, args, device, chunk=n if toy else 100)
+    if not common.is_main():
         return
-    f = ema
     if toy:
-        metrics, x_gen = evaluate_toy(f, args, sch, device, out)
+        metrics = evaluate_toy(ema, args, sch, device, x_gen)
     else:
-        metrics, x_gen = evaluate_images(f, args, sch, device, out, test, shape)
+        metrics = evaluate_images(ema, args, sch, device, test, x_gen)
     if args.eval_only:
         np.savez(out / "samples.npz", x=x_gen.numpy())
-        save_pictures(f, args, sch, device, out, f"samples_{step}.png", shape, toy)
+        save_pictures(f_sample, args, sch, device, out, f"samples_{step}.png", shape, toy)
     if args.long_run:
-        save_long_run(f, args, sch, device, out, shape, toy)
+        save_long_run(f_sample, args, sch, device, out, shape, toy)
     common.write_metrics(out, {"step": step, **metrics})
 
 

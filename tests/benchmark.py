@@ -191,7 +191,7 @@ def bench_energy_vs_score(device, quick):
 
 def bench_damc(device, quick):
     import damc_prior as dp
-    args = dp.resolve_defaults(common.parse_args(dp.build_parser(), dp.PRESETS, ["--batch-size", "64"]))
+    args = dp.get_args(["--batch-size", "64"])
     torch.manual_seed(0)
     model = {k: v.to(device) for k, v in dp.build_model(args).items()}
     opts = dp.build_optimizers(model, args)
@@ -233,7 +233,7 @@ def bench_damc(device, quick):
 
 def bench_latent_vs_pixel(device, quick):
     import latent_tilt as lt
-    args = lt.resolve_defaults(common.parse_args(lt.build_parser(), lt.PRESETS, ["--dataset", "fashion", "--stage", "ebm"]))
+    args = lt.get_args(["--dataset", "fashion", "--stage", "ebm", "--preset", "small"])
     torch.manual_seed(0)
     E = lt.build_energy(args, 1).to(device)
     G = lt.build_base(args, 1).to(device).eval()
@@ -270,12 +270,12 @@ t = torch.randint(0, 1000, (a.batch_size,))
 def step(): evs.ddpm_loss("B", net, s, x, t, torch.randn_like(x)).backward()""",
     "damc_prior (fashion)": """
 import damc_prior as dp, common, torch
-a = dp.resolve_defaults(common.parse_args(dp.build_parser(), dp.PRESETS, ["--dataset", "fashion"]))
+a = dp.get_args(["--dataset", "fashion"])
 m = dp.build_model(a); o = dp.build_optimizers(m, a); x = torch.rand(a.batch_size, 1, 32, 32) * 2 - 1
 def step(): dp.damc_iteration(x, m, o, a, 0)""",
     "latent_tilt EBM (fashion)": """
 import latent_tilt as lt, common, torch
-a = lt.resolve_defaults(common.parse_args(lt.build_parser(), lt.PRESETS, ["--dataset", "fashion", "--stage", "ebm"]))
+a = lt.get_args(["--dataset", "fashion", "--stage", "ebm", "--preset", "small"])
 E = lt.build_energy(a, 1); G = lt.build_base(a, 1).eval(); x = torch.rand(128, 1, 32, 32) * 2 - 1
 def step():
     z = lt.sample_latent(E, G.decode, torch.randn(128, a.nz), a.langevin_steps, a.eps)

@@ -105,7 +105,7 @@ def test_absent_data_set_that_cannot_be_downloaded(name, tmp_path, monkeypatch, 
         raise OSError("network is unreachable")
     monkeypatch.setattr(common.urllib.request, "urlopen", offline)
     argv = [*SCRIPTS[name]["tiny"], "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
-            "--out", str(tmp_path / "run"), "--steps", "1"]
+            "--out", str(tmp_path / "run"), "--steps", "1", "--preset", "small"]
     code, err = run_in_process(name, argv, monkeypatch, capsys)
     assert_one_line_error(code, err, "cifar-10-python.tar.gz", "--data-dir")
 

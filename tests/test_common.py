@@ -1,6 +1,7 @@
 """Tests of common.py, each against an answer known independently of the code under test."""
 import gzip
 import io
+import json
 import math
 import os
 import pickle
@@ -57,6 +58,24 @@ def test_mala_is_unbiased_where_plain_langevin_is_not():
     assert (x_mala.mean(0) - MEAN).abs().max() < 0.05
     # ULA's stationary covariance at this step is visibly inflated (> 30% on the first axis).
     assert torch.cov(x_ula.T)[0, 0] > 1.3 * COV[0, 0]
+
+
+def test_mala_rejects_inf_proposals_without_poisoning_the_chain():
+    # Beyond x = 2 the log-density and its gradient overflow to -inf: such proposals are
+    # always rejected, and the chain must carry on from its old state (a blend a * new +
+    # (1 - a) * old would turn it into 0 * inf = NaN for good).
+    def log_p(x):
+        return (-0.5 * x ** 2 - 1e38 * torch.relu(x - 2) ** 3).sum(1)
+    torch.manual_seed(0)
+    x, info = common.langevin(log_p, torch.zeros(2000, 1), 50, 1.5, mh=True, trace=True)
+    assert torch.isfinite(x).all() and x.max() <= 2 + 1e-6 and info["accept"] < 0.9
+    # N(0, 1) truncated above 2: mean -phi(2)/Phi(2) = -0.055, variance 1 - 2 phi(2)/Phi(2) - 0.055^2 = 0.886
+    assert abs(x.mean().item() + 0.055) < 0.06 and abs(x.var().item() - 0.886) < 0.06
+
+
+def test_mala_with_clamp_is_refused():
+    with pytest.raises(ValueError, match="detailed balance"):
+        common.langevin(gaussian_log_p, torch.zeros(4, 2), 1, 0.1, mh=True, clamp=(-1, 1))
 
 
 def test_langevin_eps_convention_and_per_chain_steps():
@@ -138,6 +157,23 @@ def test_spectral_norm_divides_by_the_top_singular_value():
     torch.testing.assert_close(small.weight, raw)  # sigma < 1: left alone
 
 
+def test_spectral_norm_is_right_before_any_training_forward():
+    # An EMA copy, or a run with --steps 0, evaluates with the u, v set at construction: they
+    # must already give the top singular value (a random u, v gives sigma ~ 0 or < 0).
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 5).double()
+    top = torch.linalg.matrix_norm(lin.weight.detach(), 2).item()
+    common.spectral_norm(lin)
+    lin.eval()
+    assert lin.parametrizations.weight[0].u.dtype == torch.float64  # built on the weight's dtype/device
+    assert abs(torch.linalg.matrix_norm(lin.weight.detach(), 2).item() - 1.0) < 1e-6
+    net = common.EnergyResNet(in_ch=1, ch=4, ch_mult=(1,), num_blocks=1, time_embed=True, sn=True)
+    ema = common.make_ema(net)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 3])
+    torch.testing.assert_close(ema(x, t), net.eval()(x, t))
+    assert top > 0
+
+
 def test_timestep_embedding_matches_formula():
     t = torch.tensor([0, 3, 999])
     e = common.timestep_embedding(t, 6)
@@ -188,13 +224,14 @@ def test_toy_log_prob_integrates_to_one_and_matches_samples(name):
     # the checkerboard's integer lines and is under 1.5 x the smallest noise std (0.0177),
     # where the midpoint rule is exact far below the tolerance for Gaussian bumps.
     n_grid, lim = 220, 2.75
-    assert abs(common.log_z_grid(lambda x: common.toy_log_prob(name, x), lim=lim, n=n_grid)) < 2e-3
-    # Samples drawn by inverse CDF on the grid from exp(log_prob) must match toy_sample.
-    g = torch.Generator().manual_seed(0)
     h = 2 * lim / n_grid
     c = -lim + h * (torch.arange(n_grid) + 0.5)
     pts = torch.stack(torch.meshgrid(c, c, indexing="ij"), -1).reshape(-1, 2)
-    p = common.toy_log_prob(name, pts).exp()
+    log_p = common.toy_log_prob(name, pts).double()
+    assert abs(torch.logsumexp(log_p, 0).item() + 2 * math.log(h)) < 2e-3  # the midpoint rule: log Z = 0
+    # Samples drawn by inverse CDF on the grid from exp(log_prob) must match toy_sample.
+    g = torch.Generator().manual_seed(0)
+    p = log_p.exp()
     idx = torch.multinomial(p / p.sum(), 2000, replacement=True, generator=g)
     grid_samples = pts[idx] + h * (torch.rand(2000, 2, generator=g) - 0.5)
     x = common.toy_sample(name, 2000, generator=g)
@@ -281,10 +318,36 @@ def test_image_folder_reader(tmp_path):
     for i in range(10):
         Image.fromarray(np.full((218, 178, 3), 20 * i, np.uint8)).save(folder / f"{i:03d}.jpg")
     train, test = common.load_images("celeba", tmp_path, "train"), common.load_images("celeba", tmp_path, "test")
-    assert train.shape == (9, 3, 64, 64) and test.shape == (1, 3, 64, 64)
-    assert abs(int(test.mean()) - 180) <= 2
+    assert (len(train), len(test)) == (9, 1) and test[0:1].shape == (1, 3, 64, 64)  # no split file: last 10%
+    assert abs(int(test[0].float().mean()) - 180) <= 2
     with pytest.raises(common.UserError, match="put its images in"):
         common.load_images("lsun_church", tmp_path)
+
+
+def test_folder_data_sets_are_read_lazily_with_the_official_split(tmp_path):
+    from fakedata import write_fake
+    write_fake(tmp_path, "celeba", n_train=6, n_test=3)
+    train, test = common.load_images("celeba", tmp_path, "train"), common.load_images("celeba", tmp_path, "test")
+    assert isinstance(train, common.ImageFolder) and (len(train), len(test)) == (6, 3)  # list_eval_partition.txt
+    assert common.split_size("celeba", "test", tmp_path) == 3
+    assert train[0].shape == (3, 64, 64) and train[1:3].shape == (2, 3, 64, 64) and train[0].dtype == torch.uint8
+    b = common.Batches(train, 2, seed=0, workers=0)
+    seen = torch.cat([next(b) for _ in range(3)])
+    assert seen.shape == (6, 3, 64, 64)
+    assert sorted(x.float().sum().item() for x in seen) == sorted(x.float().sum().item() for x in train[0:6])
+    state = b.state_dict()
+    b.load_state_dict({"epoch": 0, "pos": 7})  # from a run on fewer ranks: its next epoch
+    assert b.state_dict() == {"epoch": 1, "pos": 0} and state == {"epoch": 1, "pos": 0}
+
+
+def test_fid_protocol_is_checked_before_any_data_is_read(tmp_path):
+    import argparse
+    args = argparse.Namespace(dataset="cifar10", fid_split="test", data_dir=str(tmp_path), fid_samples=50000)
+    with pytest.raises(common.UserError, match="50000 exceeds the 10000 images of cifar10/test.*--fid-split train"):
+        common.check_fid_protocol(args)
+    args.fid_split = "train"
+    common.check_fid_protocol(args)  # 50,000 training images: the papers' protocol
+    assert common.image_shape("fashion", pad_to_32=True) == (1, 32, 32) and common.image_shape("celeba") == (3, 64, 64)
 
 
 def test_offline_download_fails_in_one_line(tmp_path, monkeypatch):
@@ -354,6 +417,16 @@ def test_frechet_distance_closed_forms():
     assert got == pytest.approx(expect, rel=1e-8)
 
 
+def test_frechet_distance_of_few_features_equals_the_full_formula():
+    rng = np.random.default_rng(4)
+    ref = random_spd(30, rng)
+    mu2 = rng.normal(size=30)
+    for n in (12, 30, 50):  # fewer samples than dimensions (the low-rank path), equal, more
+        f = rng.normal(size=(n, 30)) @ rng.normal(size=(30, 30))
+        full = common.frechet_distance(*common.feature_stats(f), mu2, ref)
+        assert common.frechet_distance_of_features(f, mu2, ref) == pytest.approx(full, rel=1e-7)
+
+
 def test_frechet_distance_agrees_with_sqrtm():
     rng = np.random.default_rng(1)
     for d in (3, 20, 64):
@@ -373,9 +446,9 @@ def test_fid_of_a_data_set_against_itself_is_zero():
     assert feats.shape == (8, 2048) and np.isfinite(feats).all()
     stats = common.feature_stats(feats)
     # rank-deficient covariance (8 samples, 2048-d): eigenvalue round-off gives ~sqrt(1e-12)
-    assert abs(common.frechet_distance(*stats, *stats)) < 1e-3
+    assert abs(common.frechet_distance_of_features(feats, *stats)) < 1e-3
     other = common.feature_stats(common.inception_features(-x, batch_size=8))
-    assert common.frechet_distance(*stats, *other) > 1.0
+    assert common.frechet_distance_of_features(feats, *other) > 1.0
 
 
 def test_fid_scores_non_finite_samples_as_clamped_images(monkeypatch, capsys):
@@ -405,6 +478,17 @@ def test_reference_stats_are_cached(tmp_path, monkeypatch):
     b = common.reference_stats("mnist", "test", imgs, 10, tmp_path)
     assert calls == [10] and np.array_equal(a[1], b[1])
     assert (tmp_path / "mnist_test_4x4_10.npz").exists()
+
+
+def test_fid_vs_data_reads_the_split_only_when_its_statistics_are_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "inception_features", lambda x, **k: x.flatten(1).numpy()[:, :4].astype(np.float64))
+    imgs = np.random.default_rng(0).integers(0, 256, (20, 1, 32, 32), dtype=np.uint8)
+    reads = []
+    monkeypatch.setattr(common, "load_images", lambda *a, **k: reads.append(a) or imgs)
+    x = common.to_float(imgs[10:16])
+    first = common.fid_vs_data(x, "mnist", tmp_path, "test")
+    second = common.fid_vs_data(x, "mnist", tmp_path, "test")
+    assert len(reads) == 1 and first == second
 
 
 def test_inception_score_with_a_stand_in_classifier():
@@ -443,10 +527,10 @@ def test_pictures(tmp_path):
     from PIL import Image
     common.save_image_grid(tmp_path / "g.png", torch.rand(10, 1, 8, 8) * 2 - 1, nrow=4)
     assert Image.open(tmp_path / "g.png").size == (4 * 10 + 2, 3 * 10 + 2)
-    common.save_toy_panels(tmp_path / "t.png", [("a", torch.randn(100, 2)), ("b", torch.randn(100, 2))], size=64)
-    assert Image.open(tmp_path / "t.png").size == (2 * 64 + 4, 64)
-    common.save_line_plot(tmp_path / "l.png", {"energy": [3, 2, 1]})
-    assert (tmp_path / "l.png").exists()
+    common.save_toy_panels(tmp_path / "t.png", [("a", torch.randn(100, 2)), ("b", torch.randn(100, 2))], size=100)
+    assert Image.open(tmp_path / "t.png").size == (260, 160)
+    common.save_line_plot(tmp_path / "l.png", {"energy": [3, 2, 1]}, x=[10, 20, 30], ylabel="E", log_y=True)
+    assert Image.open(tmp_path / "l.png").size == (550, 320)
 
 
 # --------------------------------------------------------------------------------------
@@ -491,6 +575,15 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
 
 
+def test_checkpoints_get_the_usual_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        common.save_checkpoint(tmp_path / "checkpoint.pt", {"script": "demo"})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
 def test_an_abort_is_one_line_and_status_130(capsys):
     def main():
         raise KeyboardInterrupt  # what StopFlag raises on a second Ctrl-C
@@ -520,14 +613,6 @@ def test_corrupt_foreign_and_mismatched_checkpoints_give_one_line_errors(tmp_pat
     common.save_checkpoint(tmp_path / "c.pt", {"script": "demo", "args": {"ch": 8}})
     with pytest.raises(common.UserError, match="--ch 8"):
         common.load_checkpoint(tmp_path / "c.pt", "demo", argparse.Namespace(ch=16), must_match=("ch",))
-    # a flag added after the checkpoint was written: `missing` says what it implicitly was
-    now = argparse.Namespace(ch=8, sn=True)
-    with pytest.raises(common.UserError, match="--sn None"):
-        common.load_checkpoint(tmp_path / "c.pt", "demo", now, must_match=("ch", "sn"))
-    assert common.load_checkpoint(tmp_path / "c.pt", "demo", now, must_match=("ch", "sn"), missing={"sn": True})
-    with pytest.raises(common.UserError, match="--sn True, not False"):
-        common.load_checkpoint(tmp_path / "c.pt", "demo", argparse.Namespace(ch=8, sn=False),
-                               must_match=("sn",), missing={"sn": True})
     with pytest.raises(common.UserError, match="does not fit.*size mismatch for weight") as err:
         common.load_state(nn.Linear(3, 3), nn.Linear(3, 2).state_dict())
     assert "\n" not in str(err.value)  # torch's message spans lines; the key is on the second
@@ -568,8 +653,35 @@ def test_parse_args_presets_and_validation():
         common.parse_args(p, presets, ["--dataset", "imagenet"])
     with pytest.raises(common.UserError, match="no setting"):
         common.parse_args(p, presets, ["--preset", "paper"])
+    assert common.parse_args(p, presets, ["--dataset", "cifar10"]).preset == "paper"  # reported: paper by default
     with pytest.raises(common.UserError, match="--lr must be positive"):
         common.check_positive(common.parse_args(p, presets, ["--lr", "-1"]), "lr")
+
+
+def test_explicit_flags_win_however_spelled_and_the_preset_follows_the_data_set(capsys):
+    p = common.base_parser("demo", "8gaussians", 100, 64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    presets = {"cifar10": {"lr": 2e-4, "batch_size": 128}, "8gaussians": {"lr": 5e-4}}
+    args = common.parse_args(p, presets, ["--dataset", "cifar10", "--batch-size=32", "--lr", "1e-3"])
+    assert (args.preset, args.batch_size, args.lr) == ("paper", 32, 1e-3)  # a value equal to the default counts
+    assert args.fid_split == "test" and "batch_size" in args.given
+    with pytest.raises(SystemExit):  # a prefix is refused, not taken for --batch-size
+        common.parse_args(p, presets, ["--dataset", "cifar10", "--batch", "32"])
+    assert "unrecognized arguments: --batch" in capsys.readouterr().err
+    assert common.parse_args(p, presets, ["--dataset", "cifar10", "--preset", "small"]).batch_size == 64
+    assert common.parse_args(p, presets, []).preset == "small"  # a toy: small unless asked
+    assert common.parse_args(p, presets, ["--preset", "paper"]).lr == 5e-4
+    assert common.parse_args(p, presets, ["--dataset", "svhn"]).preset == "small"  # not in the paper
+
+
+def test_print_config_prints_json_and_exits(capsys):
+    p = common.base_parser("demo", "8gaussians", 100, 64)
+    args = common.parse_args(p, {}, ["--print-config"])
+    common.print_config(common.parse_args(p, {}, []), {"net": nn.Linear(3, 2)})  # not asked: returns
+    with pytest.raises(SystemExit) as e:
+        common.print_config(args, {"net": nn.Linear(3, 2)})
+    config = json.loads(capsys.readouterr().out)
+    assert e.value.code == 0 and config["params"] == {"net": 8} and config["preset"] == "small"
 
 
 def test_check_finite_names_the_knobs():
@@ -614,7 +726,11 @@ DDP_WORKER = textwrap.dedent("""
     stop = common.StopFlag()
     if rank == 1:
         signal.raise_signal(signal.SIGINT)        # Ctrl-C reaches rank 1 only (so far)
-    agreed = stop.should_stop()
+    agreed = stop.should_stop(0)
+    share = common.rank_share(5)                  # 3 on rank 0, 2 on rank 1
+    rows = common.gather_rows(torch.full((share, 2), float(rank)))
+    if rank == 0:
+        torch.save(rows, sys.argv[1] + ".rows")
     torch.save({"seen": torch.stack(seen), "drawn": drawn, "again": again, "stop": agreed},
                sys.argv[1] + f".rank{rank}")
     dist.barrier()  # both files written before either rank tears gloo down
@@ -642,6 +758,8 @@ def test_two_process_gloo_keeps_replicas_identical_and_resumes_each_rank(tmp_pat
         torch.testing.assert_close(r["again"], r["drawn"], rtol=0, atol=0)
         assert r["stop"] is True
     assert not torch.equal(ranks[0]["drawn"], ranks[1]["drawn"])
+    rows = torch.load(tmp_path / "res.pt.rows", weights_only=True)
+    assert torch.equal(rows, torch.tensor([[0.0, 0.0]] * 3 + [[1.0, 1.0]] * 2))  # in rank order, shares summing to 5
     for step in range(3):
         a, b = seen[0][step], seen[1][step]
         assert not set(map(tuple, a.tolist())) & set(map(tuple, b.tolist()))
@@ -654,3 +772,42 @@ def test_two_process_gloo_keeps_replicas_identical_and_resumes_each_rank(tmp_pat
         opt.step()
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.testing.assert_close(res["params"][0], flat, rtol=1e-5, atol=1e-6)
+
+
+RANK0_ERROR_WORKER = textwrap.dedent("""
+    import argparse, sys, time, torch, torch.distributed as dist
+    sys.path.insert(0, %r)
+    import common
+
+    def main():
+        rank, world = common.init_distributed()
+        args = argparse.Namespace(out=sys.argv[1], dataset="8gaussians", resume=False, eval_only=False)
+        common.prepare_out_dir(args, "demo")      # only rank 0 writes, so only rank 0 can fail
+        dist.all_reduce(torch.ones(1))            # where the other rank would otherwise wait
+        time.sleep(120)
+
+    common.main_guard(main)
+""")
+
+
+def test_an_error_on_rank_0_alone_stops_every_rank_with_its_line(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(RANK0_ERROR_WORKER % str(ROOT))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), str(blocker / "run")], env=env, capture_output=True, text=True, timeout=60)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "cannot write" in errors[0] and "--out" in errors[0]
+    # no rank printed a traceback (torchrun's launcher prints its own ChildFailedError summary)
+    assert "common.py" not in r.stderr and 'worker.py", line' not in r.stderr
+
+
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main() == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0]

@@ -1,7 +1,6 @@
-"""Tests of damc_prior.py: each piece against an independent answer, plus smoke runs."""
+"""Tests of damc_prior.py: each piece against an independent answer, plus in-process smoke runs."""
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,53 +11,75 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 import common  # noqa: E402
 import damc_prior  # noqa: E402
+from fakedata import write_fake  # noqa: E402
 
 
-class ZeroEnergy(nn.Module):
-    """E(z) = 0 for every z, shape [B, 1] (p_alpha = N(0, I))."""
+class LinearEnergy(nn.Module):
+    """E(z) = a . z, shape [B, 1]: the prior exp(-a . z) N(z; 0, I) / Z is exactly N(-a, I)."""
 
-    def __init__(self):
+    def __init__(self, a):
         super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))
+        self.a = nn.Parameter(torch.as_tensor(a, dtype=torch.float32))
 
     def forward(self, z):
-        return 0 * z[:, :1] * self.dummy
+        return (z @ self.a)[:, None]
 
 
-def small_args(**over):
-    argv = ["--dataset", "fashion", "--nz", "4", "--ngf", "8", "--ndf", "8", "--nxemb", "16", "--q-width", "16",
-            "--q-steps", "3", "--post-steps", "2", "--prior-steps", "2", "--q-updates", "2", "--p-mask", "0.5"]
+A = [0.8, -0.5]
+
+
+def small_args(*extra, **over):
+    argv = ["--dataset", "fashion", "--nz", "4", "--ngf", "4", "--ndf", "4", "--nxemb", "16", "--q-width", "16",
+            "--q-steps", "3", "--post-steps", "2", "--prior-steps", "2", "--q-updates", "2", "--p-mask", "0.5",
+            *extra]
     for k, v in over.items():
         argv += ["--" + k.replace("_", "-"), str(v)]
-    return damc_prior.resolve_defaults(common.parse_args(damc_prior.build_parser(), damc_prior.PRESETS, argv))
+    return damc_prior.get_args(argv)
 
 
-# ---------------------------------------------------------------- Langevin chains
+# ---------------------------------------------------------------- Langevin chains and the exact grid
 
 def test_posterior_chain_matches_exact_gaussian_posterior():
-    # g(z) = W z, E = 0: p(z | x) = N(S W^T x / sigma^2, S), S = (I + W^T W / sigma^2)^-1
+    # g(z) = W z, E(z) = a . z: p(z | x) = N(S (W^T x / sigma^2 - a), S), S = (I + W^T W / sigma^2)^-1
     torch.manual_seed(0)
     W = torch.tensor([[1.0, 0.5], [-0.3, 0.8], [0.6, -0.4]])
-    sigma = 1.0
+    sigma, a = 1.0, torch.tensor(A)
     g = nn.Linear(2, 3, bias=False)
     g.weight.data.copy_(W)
     x = torch.tensor([1.5, -0.5, 0.7])
     S = torch.linalg.inv(torch.eye(2) + W.T @ W / sigma ** 2)
-    mean = S @ W.T @ x / sigma ** 2
-    n = 4000
-    z = damc_prior.sample_posterior(torch.full((n, 2), 3.0), x.expand(n, 3), g, ZeroEnergy(), sigma,
-                                    n_steps=1500, s=0.08)
+    mean = S @ (W.T @ x / sigma ** 2 - a)
+    n = 2000
+    z = damc_prior.sample_posterior(torch.full((n, 2), 3.0), x.expand(n, 3), g, LinearEnergy(A), sigma,
+                                    n_steps=600, s=0.15)
     assert torch.allclose(z.mean(0), mean, atol=0.05), (z.mean(0), mean)
-    assert torch.allclose(torch.cov(z.T), S, atol=0.04), (torch.cov(z.T), S)
+    assert torch.allclose(torch.cov(z.T), S, atol=0.05), (torch.cov(z.T), S)
 
 
-def test_prior_chain_is_standard_normal_when_energy_is_zero():
+def test_prior_chain_reaches_the_closed_form_prior_of_a_linear_energy():
+    # exp(-a . z) N(0, I) = N(-a, I): a flipped sign of E in log p_alpha would give N(+a, I)
     torch.manual_seed(1)
-    z = damc_prior.sample_prior(torch.full((4000, 2), -3.0), ZeroEnergy(), n_steps=1000, s=0.1)
-    assert z.mean(0).abs().max() < 0.06
-    assert torch.allclose(torch.cov(z.T), torch.eye(2), atol=0.07)
+    z = damc_prior.sample_prior(torch.full((4000, 2), 3.0), LinearEnergy(A), n_steps=800, s=0.15)
+    assert torch.allclose(z.mean(0), -torch.tensor(A), atol=0.06), z.mean(0)
+    assert torch.allclose(torch.cov(z.T), torch.eye(2), atol=0.08)
+
+
+def test_exact_grid_reaches_the_prior_and_posterior_of_a_linear_energy():
+    # g = identity, E = a . z: prior N(-a, I); posterior N((x - sigma^2 a) / (1 + sigma^2), sigma^2 / (1 + sigma^2) I)
+    torch.manual_seed(0)
+    g = nn.Linear(2, 2, bias=False)
+    g.weight.data.copy_(torch.eye(2))
+    sigma, a = 0.5, torch.tensor(A)
+    grid, log_pz, gz, h = info = damc_prior.exact_posterior_grid(g, LinearEnergy(A), lim=6.0, n=200)
+    prior_mean = (torch.softmax(log_pz.double(), 0)[:, None] * grid.double()).sum(0)
+    assert torch.allclose(prior_mean.float(), -a, atol=0.01), prior_mean
+    x = torch.tensor([1.0, -0.5])
+    z = damc_prior.exact_posterior_sample(x, info, sigma, 20000)
+    assert torch.allclose(z.mean(0), (x - sigma ** 2 * a) / (1 + sigma ** 2), atol=0.02), z.mean(0)
+    assert torch.allclose(z.var(0), torch.full((2,), sigma ** 2 / (1 + sigma ** 2)), atol=0.01)
 
 
 # ---------------------------------------------------------------- the sampler q
@@ -75,25 +96,46 @@ def test_cosine_logsnr_schedule_hits_its_clip_values():
     assert (damc_prior.logsnr_schedule(t).diff() < 0).all()
 
 
-def _two_blobs(n):
-    sign = torch.randint(2, (n, 1)).float() * 2 - 1
-    return torch.cat([1.5 * sign, torch.zeros(n, 1)], 1) + 0.3 * torch.randn(n, 2)
+class OracleEps(nn.Module):
+    """The exact noise prediction for data z0 ~ N(m, s^2 I) under the VP forward process
+    z = alpha z0 + sigma eps (alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)):
+    E[eps | z] = sigma (z - alpha m) / (alpha^2 s^2 + sigma^2)."""
+
+    def __init__(self, m, s):
+        super().__init__()
+        self.m, self.s = m, s
+
+    def forward(self, z, logsnr, c):
+        a2, s2 = torch.sigmoid(logsnr)[:, None], torch.sigmoid(-logsnr)[:, None]
+        return s2.sqrt() * (z - a2.sqrt() * self.m) / (a2 * self.s ** 2 + s2)
 
 
-def test_q_trained_briefly_reproduces_a_known_2d_distribution():
+M, SD = torch.tensor([1.5, -0.7]), 0.5
+
+
+def oracle_q():
+    q = damc_prior.DiffusionSampler(2, nn.Identity(), nxemb=4, width=4)
+    q.eps_net = OracleEps(M, SD)
+    return q
+
+
+def test_q_sampler_on_the_oracle_epsilon_of_a_gaussian_gives_that_gaussian():
     torch.manual_seed(0)
-    q = damc_prior.DiffusionSampler(2, nn.Identity(), nxemb=16, width=64)
-    before = common.mmd_rbf(damc_prior.q_sample(q, n=500, n_steps=50), _two_blobs(500))
-    opt = torch.optim.Adam(q.parameters(), 2e-3)
-    for _ in range(600):
-        loss = damc_prior.q_loss(q, None, _two_blobs(256))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    z = damc_prior.q_sample(q, n=1000, n_steps=50)
-    after = common.mmd_rbf(z, _two_blobs(1000))
-    assert after < 0.01 < before, (before, after)
-    assert abs((z[:, 0] > 0).float().mean().item() - 0.5) < 0.1  # both blobs, in proportion
+    z = damc_prior.q_sample(oracle_q(), n=4000, n_steps=100)
+    assert torch.allclose(z.mean(0), M, atol=0.04), z.mean(0)
+    assert torch.allclose(z.std(0), torch.full((2,), SD), rtol=0.05), z.std(0)
+
+
+def test_q_loss_at_the_oracle_is_its_closed_form():
+    # at the exact E[eps | z_lambda] the loss 0.5 E||eps - eps_hat||^2 is 0.5 nz E_t[Var(eps | z_lambda)],
+    # Var = alpha^2 s^2 / (alpha^2 s^2 + sigma^2) per coordinate, t ~ U(0, 1) (midpoint quadrature)
+    torch.manual_seed(0)
+    loss = damc_prior.q_loss(oracle_q(), None, M + SD * torch.randn(50000, 2)).item()
+    t = (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000
+    lam = damc_prior.logsnr_schedule(t, -5.1, 9.8)
+    a2, s2 = torch.sigmoid(lam), torch.sigmoid(-lam)
+    expected = (0.5 * 2 * a2 * SD ** 2 / (a2 * SD ** 2 + s2)).mean().item()
+    assert loss == pytest.approx(expected, rel=0.03)
 
 
 # ---------------------------------------------------------------- the DAMC iteration
@@ -127,11 +169,70 @@ def test_one_damc_iteration_changes_q_g_E_and_nothing_else():
         assert torch.allclose(v, expected, atol=1e-6), k
 
 
+def _record(monkeypatch, name, log):
+    original = getattr(damc_prior, name)
+
+    def wrapper(z0, *a, **kw):
+        out = original(z0, *a, **kw)
+        log.append((z0.clone(), (out[0] if isinstance(out, tuple) else out).clone()))
+        return out
+    monkeypatch.setattr(damc_prior, name, wrapper)
+
+
+@pytest.mark.parametrize("sampler", ["damc", "langevin"])
+def test_chains_start_from_the_slow_copy_or_from_standard_normal(monkeypatch, sampler):
+    torch.manual_seed(0)
+    args = small_args(sampler=sampler)
+    model = damc_prior.build_model(args)
+    with torch.no_grad():  # q moves away from its slow copy: the chains must follow the copy
+        for p in model["q"].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    opts = damc_prior.build_optimizers(model, args)
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    posterior, prior = [], []
+    _record(monkeypatch, "sample_posterior", posterior)
+    _record(monkeypatch, "sample_prior", prior)
+    torch.manual_seed(1)
+    damc_prior.damc_iteration(x, model, opts, args, step=0)
+    torch.manual_seed(1)  # the same draws, taken by hand
+    if sampler == "damc":
+        expected = damc_prior.q_sample(model["q_slow"], x=x, n_steps=args.q_steps)
+        torch.manual_seed(1)
+        assert not torch.allclose(damc_prior.q_sample(model["q"], x=x, n_steps=args.q_steps), expected)
+    else:
+        expected = torch.randn(8, args.nz)
+    assert torch.equal(posterior[0][0], expected)
+    # prior chains: DAMC [z0, N(0, I)] (2B, authors); LEBM B fresh N(0, I) chains (Pang et al.)
+    z_neg0 = prior[0][0]
+    assert len(z_neg0) == (16 if sampler == "damc" else 8)
+    if sampler == "damc":
+        assert torch.equal(z_neg0[:8], expected)
+
+
+def test_one_E_step_lowers_the_energy_gap_of_its_samples(monkeypatch):
+    # delta_alpha descends mean E(z+) - mean E(z-): after the step the posterior samples' energy is lower
+    # relative to the prior samples' (a flipped sign of the E loss raises it)
+    torch.manual_seed(0)
+    args = small_args(e_lr=1e-2)
+    model = damc_prior.build_model(args)
+    opts = damc_prior.build_optimizers(model, args)
+    posterior, prior = [], []
+    _record(monkeypatch, "sample_posterior", posterior)
+    _record(monkeypatch, "sample_prior", prior)
+    E0 = common.make_ema(model["E"])
+    stats = damc_prior.damc_iteration(torch.rand(8, 1, 32, 32) * 2 - 1, model, opts, args, step=0)
+    z_pos, z_neg = posterior[0][1], prior[0][1]
+
+    def gap(E):
+        with torch.no_grad():
+            return (damc_prior.energy(E, z_pos).mean() - damc_prior.energy(E, z_neg).mean()).item()
+    assert stats["loss_e"].item() == pytest.approx(gap(E0), abs=1e-5)
+    assert gap(model["E"]) < gap(E0) - 1e-4, (gap(E0), gap(model["E"]))
+
+
 def test_toy_iteration_keeps_the_true_generator_fixed():
     torch.manual_seed(0)
-    args = damc_prior.resolve_defaults(common.parse_args(damc_prior.build_parser(), damc_prior.PRESETS,
-                                                         ["--q-steps", "3", "--post-steps", "2",
-                                                          "--prior-steps", "2", "--q-width", "16"]))
+    args = damc_prior.get_args(["--q-steps", "3", "--post-steps", "2", "--prior-steps", "2", "--q-width", "16"])
     model = damc_prior.build_model(args)
     opts = damc_prior.build_optimizers(model, args)
     assert set(opts) == {"q", "E"}
@@ -153,6 +254,58 @@ def test_lr_decay_schedule():
     assert opts["E"].param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
+def test_langevin_sampler_resolves_to_pang_et_al_and_explicit_flags_win():
+    args = small_args(sampler="langevin")
+    assert (args.sigma, args.post_steps, args.e_lr, args.g_lr, args.grad_clip, args.lr_decay) == \
+        (0.3, 2, 2e-5, 1e-4, 0.0, 0.998)  # --post-steps 2 was given
+    assert args.lr_decay_every == math.ceil(60000 / 64)  # one epoch of Fashion-MNIST
+    assert args.q_updates == 2 and small_args(sampler="langevin", sigma=0.2).sigma == 0.2
+    paper = damc_prior.get_args(["--dataset", "svhn", "--sampler", "langevin"])
+    assert (paper.batch_size, paper.lr_decay_every, paper.eval_prior_steps) == (100, 733, 60)
+
+
+# ---------------------------------------------------------------- mixed precision (--amp bf16)
+
+def test_bf16_losses_within_tolerance_of_fp32_and_langevin_stays_fp32():
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation): through the
+    # networks the losses stay within 2% of fp32; the Langevin state and log-densities are fp32
+    torch.manual_seed(0)
+    args = small_args()
+    model = damc_prior.build_model(args)
+    g, E, q = model["g"], model["E"], model["q"]
+    x, z = torch.rand(8, 1, 32, 32) * 2 - 1, torch.randn(8, args.nz)
+    with common.autocast("bf16", torch.device("cpu")):
+        assert g(z).dtype == torch.bfloat16  # autocast is really on
+    out = {}
+    for amp in ("none", "bf16"):
+        torch.manual_seed(1)
+        lq = damc_prior.q_loss(q, x, z, 0.5, amp)
+        recon = ((x - damc_prior.generate_x(g, z, amp)) ** 2).flatten(1).sum(1).mean()
+        lj = damc_prior.log_joint(z, x, g, E, args.sigma, amp)
+        torch.manual_seed(2)
+        z1 = damc_prior.sample_posterior(z, x, g, E, args.sigma, 1, args.post_step_size, amp=amp)
+        torch.manual_seed(3)
+        zq = damc_prior.q_sample(q, x=x, n_steps=3, amp=amp)
+        out[amp] = (lq, recon, lj, z1, zq)
+        assert all(t.dtype == torch.float32 for t in out[amp])
+    for k in range(3):
+        assert not torch.equal(out["none"][k], out["bf16"][k])
+        assert torch.allclose(out["bf16"][k], out["none"][k], rtol=0.02, atol=1e-3), k
+    assert torch.allclose(out["bf16"][3], out["none"][3], atol=1e-2)  # one step: z + s^2/2 grad + s w
+    # q's 3-step sampler divides eps_hat by alpha_1 = 0.08 at its first step: 5% of its norm
+    assert (out["bf16"][4] - out["none"][4]).norm() < 0.05 * out["none"][4].norm()
+
+
+def test_bf16_iteration_keeps_fp32_parameters():
+    torch.manual_seed(0)
+    args = small_args("--amp", "bf16")
+    model = damc_prior.build_model(args)
+    opts = damc_prior.build_optimizers(model, args)
+    stats = damc_prior.damc_iteration(torch.rand(8, 1, 32, 32) * 2 - 1, model, opts, args, step=0)
+    assert all(math.isfinite(v.item()) and v.dtype == torch.float32 for v in stats.values())
+    assert all(p.dtype == torch.float32 for m in model.values() for p in m.parameters())
+
+
 # ---------------------------------------------------------------- evaluation
 
 def test_reconstruction_mse_matches_a_hand_computation():
@@ -162,44 +315,26 @@ def test_reconstruction_mse_matches_a_hand_computation():
     g.weight.data.copy_(W)
     x = torch.randn(5, 6)
     z0 = torch.randn(5, 2)
-    sigma, s = 0.5, 0.3
+    sigma, s, a = 0.5, 0.3, torch.tensor(A)
     # 0 steps: mean over pixels of (W z0 - x)^2, per image
     by_hand = ((z0 @ W.T - x) ** 2).mean(1)
-    assert torch.allclose(damc_prior.recon_mse(x, z0, g, ZeroEnergy(), sigma, 0, s), by_hand, atol=1e-6)
-    # 1 noise-free step: z1 = z0 + s^2/2 (W^T (x - W z0) / sigma^2 - z0)
-    z1 = z0 + s ** 2 / 2 * ((x - z0 @ W.T) @ W / sigma ** 2 - z0)
+    assert torch.allclose(damc_prior.recon_mse(x, z0, g, LinearEnergy(A), sigma, 0, s), by_hand, atol=1e-6)
+    # 1 noise-free step: z1 = z0 + s^2/2 (W^T (x - W z0) / sigma^2 - a - z0)
+    z1 = z0 + s ** 2 / 2 * ((x - z0 @ W.T) @ W / sigma ** 2 - a - z0)
     by_hand = ((z1 @ W.T - x) ** 2).mean(1)
-    assert torch.allclose(damc_prior.recon_mse(x, z0, g, ZeroEnergy(), sigma, 1, s), by_hand, atol=1e-5)
+    assert torch.allclose(damc_prior.recon_mse(x, z0, g, LinearEnergy(A), sigma, 1, s), by_hand, atol=1e-5)
 
 
-def test_exact_grid_posterior_sampler_matches_a_gaussian():
-    # g = identity-like linear map, E = 0: posterior N(x / (1 + sigma^2), sigma^2 / (1 + sigma^2) I)
-    torch.manual_seed(0)
-    g = nn.Linear(2, 2, bias=False)
-    g.weight.data.copy_(torch.eye(2))
-    sigma = 0.5
-    E = common.mlp([2, 1])
-    nn.init.zeros_(E[0].weight), nn.init.zeros_(E[0].bias)
-    info = damc_prior.exact_posterior_grid(g, E, lim=4.0, n=200)
-    x = torch.tensor([1.0, -0.5])
-    z = damc_prior.exact_posterior_sample(x, info, sigma, 20000)
-    assert torch.allclose(z.mean(0), x / 1.25, atol=0.02)
-    assert torch.allclose(z.var(0), torch.full((2,), 0.25 / 1.25), atol=0.01)
+# ---------------------------------------------------------------- runs (in-process)
 
-
-# ---------------------------------------------------------------- smoke runs
-
-TINY_TOY = ["--steps", "4", "--batch-size", "16", "--q-width", "16", "--nxemb", "16", "--q-steps", "4",
-            "--post-steps", "3", "--prior-steps", "3", "--eval-prior-steps", "3", "--eval-x", "3", "--eval-z", "16",
+TINY_TOY = ["--steps", "4", "--batch-size", "16", "--q-width", "8", "--nxemb", "8", "--q-steps", "3",
+            "--post-steps", "2", "--prior-steps", "2", "--eval-prior-steps", "2", "--eval-x", "3", "--eval-z", "8",
             "--eval-every", "2", "--log-every", "1", "--slow-every", "1", "--lr-decay-every", "1"]
 
 
-def run(args, cwd, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "damc_prior.py"), *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-2000:]
-    return r
+def run(argv, capsys):
+    damc_prior.main([str(a) for a in argv])
+    return capsys.readouterr().out
 
 
 def losses(path):
@@ -210,16 +345,14 @@ def losses(path):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """One uninterrupted 4-step toy run, shared by the smoke and resume tests."""
+    """One uninterrupted 4-step toy run, shared by the smoke, resume and refusal tests."""
     out = tmp_path_factory.mktemp("toy") / "run"
-    r = run([*TINY_TOY, "--out", str(out)], out.parent)
-    return out, r.stdout
+    damc_prior.main([*TINY_TOY, "--out", str(out)])
+    return out
 
 
-def test_toy_smoke_files_and_eval_only(toy_run, tmp_path):
-    out, stdout = toy_run
-    last = stdout.strip().splitlines()[-1]
-    assert last.startswith("metrics:") and "post_dist_damc" in last and "post_dist_langevin" in last
+def test_toy_smoke_files_and_eval_only(toy_run, capsys):
+    out = toy_run
     for f in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "samples_2.png", "samples_4.png"):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
@@ -228,15 +361,16 @@ def test_toy_smoke_files_and_eval_only(toy_run, tmp_path):
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "post_dist_damc" in rows[1]
     # (a fresh run into the same folder is refused, naming --resume: tests/test_cli.py)
-    run([*TINY_TOY, "--out", str(out), "--eval-only"], tmp_path)
+    last = run([*TINY_TOY, "--out", out, "--eval-only"], capsys).strip().splitlines()[-1]
+    assert last.startswith("metrics:") and "post_dist_damc" in last and "post_dist_langevin" in last
     with np.load(out / "samples.npz") as f:
-        assert f["x"].shape[1] == 2 and f["z"].shape[1] == 2 and len(f["z_post_damc"]) == 3 * 16
+        assert f["x"].shape[1] == 2 and f["z"].shape[1] == 2 and len(f["z_post_damc"]) == 3 * 8
 
 
-def test_resume_reproduces_an_uninterrupted_run(toy_run, tmp_path):
-    a = toy_run[0]
-    run([*TINY_TOY, "--out", str(tmp_path / "b"), "--steps", "2"], tmp_path)
-    run([*TINY_TOY, "--out", str(tmp_path / "b"), "--resume"], tmp_path)
+def test_resume_reproduces_an_uninterrupted_run(toy_run, tmp_path, capsys):
+    a = toy_run
+    run([*TINY_TOY, "--out", tmp_path / "b", "--steps", "2"], capsys)
+    run([*TINY_TOY, "--out", tmp_path / "b", "--resume"], capsys)
     assert losses(a / "log.jsonl") == losses(tmp_path / "b" / "log.jsonl")
     ca = torch.load(a / "checkpoint.pt", weights_only=True)
     cb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
@@ -248,42 +382,41 @@ def test_resume_reproduces_an_uninterrupted_run(toy_run, tmp_path):
     assert ca["opt_q"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.99 ** 3)
 
 
-def test_bad_flag_gives_one_line_error(tmp_path):
-    r = run(["--post-step-size", "-1", "--out", str(tmp_path / "x")], tmp_path, check=False)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--post-step-size" in r.stderr
+@pytest.mark.parametrize("flag", [["--sampler", "langevin"], ["--sigma", "0.3"], ["--q-width", "16"],
+                                  ["--post-steps", "5"], ["--p-mask", "0.3"]])
+def test_resume_refuses_a_different_model_or_objective(toy_run, flag):
+    for mode in ("--resume", "--eval-only"):
+        with pytest.raises(common.UserError, match=f"trained with {flag[0]} ") as e:
+            damc_prior.main([*TINY_TOY, "--out", str(toy_run), mode, *flag])
+        assert "\n" not in str(e.value)
 
 
-TINY_IMAGE = ["--dataset", "fashion", "--steps", "2", "--batch-size", "8", "--nz", "4", "--ngf", "8", "--ndf", "8",
+def test_bad_flag_gives_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        common.main_guard(lambda: damc_prior.main(["--post-step-size", "-1", "--out", str(tmp_path / "x")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().count("\n") == 0 and "--post-step-size" in err
+    assert not (tmp_path / "x").exists()
+
+
+TINY_IMAGE = ["--dataset", "fashion", "--steps", "2", "--batch-size", "8", "--nz", "4", "--ngf", "4", "--ndf", "4",
               "--nxemb", "16", "--q-width", "16", "--q-steps", "3", "--post-steps", "2", "--prior-steps", "2",
               "--eval-prior-steps", "2", "--recon-steps", "2", "--recon-images", "20", "--log-every", "1"]
 
 
-def test_image_smoke_without_fid(tmp_path):
-    if not Path(common.FASHION_SYSTEM_DIR).exists():
-        pytest.skip("Fashion-MNIST is not installed")
+@pytest.mark.parametrize("sampler", ["damc", "langevin"])
+def test_image_smoke_without_fid(tmp_path, capsys, sampler):
+    data = write_fake(tmp_path / "data", "fashion", n_train=32, n_test=24)
     out = tmp_path / "run"
-    r = run([*TINY_IMAGE, "--fid-samples", "0", "--out", str(out)], tmp_path)
-    assert r.stdout.strip().splitlines()[-1].startswith("metrics: mse_recon=")
+    argv = [*TINY_IMAGE, "--sampler", sampler, "--fid-samples", "0", "--data-dir", data, "--out", out]
+    assert run(argv, capsys).strip().splitlines()[-1].startswith("metrics: mse_recon=")
     for f in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "samples_2.png"):
         assert (out / f).exists(), f
     assert 0 < json.loads((out / "metrics.json").read_text())["mse_recon"] < 4
-    run([*TINY_IMAGE, "--fid-samples", "0", "--out", str(out), "--eval-only"], tmp_path)
+    if sampler == "langevin":  # q is not trained: no q rows, no fid_q / x_q
+        assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss_q"] == 0
+        return
+    run([*argv, "--eval-only"], capsys)
     with np.load(out / "samples.npz") as f:
         assert f["x"].shape[1:] == (1, 32, 32) and f["z"].shape[1] == 4 and f["z_q"].shape[1] == 4
         assert np.abs(f["x"]).max() <= 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["damc", "langevin"])
-def test_image_smoke_prints_fid_and_mse(tmp_path, sampler):
-    if not Path(common.FASHION_SYSTEM_DIR).exists():
-        pytest.skip("Fashion-MNIST is not installed")
-    out = tmp_path / "run"
-    r = run([*TINY_IMAGE, "--sampler", sampler, "--fid-samples", "10", "--data-dir", str(tmp_path / "data"),
-             "--out", str(out)], tmp_path)
-    last = r.stdout.strip().splitlines()[-1]
-    for key in ("fid_q", "fid_ebm", "mse_recon"):
-        assert key in last
-    assert (out / "samples_2.png").exists()
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 < metrics["mse_recon"] < 4 and metrics["fid_q"] > 0

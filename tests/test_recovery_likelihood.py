@@ -1,6 +1,8 @@
 """Tests of recovery_likelihood.py: each piece against an independent answer, plus smoke runs."""
+import argparse
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,67 @@ def test_step_size_rule():
     assert capped["a_prev"][6] == 1 and capped["recovery"][6] == 0
     floored = rl.make_schedule(6, 2e-4, 0.3, step_floor=0.3)  # --net resnet's floor: 0.3 sigma_{t+1} above level 0
     assert floored["s"][0] == sch["s"][0] and torch.allclose(floored["s"][1:], 0.3 * floored["sigma"][2:])
+
+
+def test_q_sample_pairs_top_level_starts_nearly_at_noise():
+    """(R1) at every level, the top included: x_{t+1} = a_{t+1} x_t + sigma_{t+1} e', with the forward
+    a_T = prod_{i=501..999} sqrt(1 - beta_i) ~ 0.023 at T = 6 (DDPM's betas, NOTES.md), so the top
+    chains start nearly at N(0, I); a_prev = 1 scales the top level's y only."""
+    sch = rl.make_schedule(6, 2e-4, 0.3)
+    x, t = torch.rand(6, 3, 4, 4) * 2 - 1, torch.arange(6)
+    torch.manual_seed(0)
+    x_t, x_next = rl.q_sample_pairs(x, t, sch)
+    torch.manual_seed(0)
+    e, e2 = torch.randn_like(x), torch.randn_like(x)
+    col = lambda v: v[t].reshape(-1, 1, 1, 1).double()  # noqa: E731
+    torch.testing.assert_close(x_t.double(), col(sch["abar"]) * x + col(sch["sigmabar"]) * e, rtol=1e-5, atol=1e-6)
+    a_T = np.sqrt(np.prod(1 - np.linspace(1e-4, 0.02, 1000)[501:]))
+    a = torch.tensor([math.sqrt(1 - sch["sigma"][k].item() ** 2) for k in range(1, 6)] + [a_T]).double()
+    expect = col(a) * x_t.double() + col(sch["sigma"][1:]) * e2
+    torch.testing.assert_close(x_next.double(), expect, rtol=1e-4, atol=1e-4)
+    assert a_T == pytest.approx(0.0228, abs=2e-4) and sch["a_prev"][6] == 1
+
+
+def test_loss_gradient_is_the_exact_recovery_likelihood_gradient(monkeypatch):
+    """(R4) against a closed form. Data N(0, v I) in D dimensions and the Gaussian family
+    f(y, t) = -s_t^2 theta_t ||y||^2 / 2 (level t of y: N(0, I / theta_t)). The recovery likelihood
+    log p(y+ | x_{t+1}) = -theta ||y+||^2 / 2 - ||y+ - x_{t+1}||^2 / (2 sigma^2) - log Z(x_{t+1}) has
+    d/dtheta = -||y+||^2 / 2 + E[||y-||^2] / 2, y- ~ p(. | x_{t+1}) = N(c x_{t+1} / sigma^2, c I),
+    c = 1 / (theta + 1 / sigma^2) (top level: N(0, I / theta)); over the data its mean is
+    g_t = (D / 2) [c^2 (V + sigma^2) / sigma^4 + c - V] (top: (D / 2) (1 / theta - V)), V =
+    a_{t+1}^2 (abar_t^2 v + sigmabar_t^2) the variance of y+. With exact conditional draws in place of
+    Langevin, the loss's gradient must be -(n_t / B) (sigma_1 / sigma_{t+1}) s_t^2 g_t: descent on L is
+    ascent on the recovery likelihood, weighted as the authors' code weights it, in units of the raw f."""
+    torch.manual_seed(0)
+    T, D, B, v = 6, 16, 60000, 0.5
+    sch = rl.make_schedule(T, 2e-4, 0.3)
+    sd = {k: sch[k].double() for k in ("a_prev", "abar", "sigmabar", "sigma", "s")}
+    V = sd["a_prev"][1:] ** 2 * (sd["abar"][:T] ** 2 * v + sd["sigmabar"][:T] ** 2)
+    theta = torch.nn.Parameter((0.5 / V).float())  # a model twice as wide as the data: a clear gradient
+
+    def f(y, t):
+        return -sch["s"][t] ** 2 * theta[t] * (y ** 2).sum(1) / 2
+
+    def exact_sample(f, start, x_next, t, sch, n_steps, noise_scale, trace=False):
+        th, sig2, rec = theta.detach()[t, None], sch["sigma"][t + 1, None] ** 2, sch["recovery"][t + 1, None]
+        c = 1 / (th + rec / sig2)
+        return c * rec * x_next / sig2 + c.sqrt() * torch.randn_like(x_next), {"grad_norm": torch.zeros(1, len(t))}
+    monkeypatch.setattr(rl, "recovery_sample", exact_sample)
+    loss, diag = rl.training_step(f, math.sqrt(v) * torch.randn(B, D), sch, 30)
+    loss.backward()
+    th, sig2 = theta.detach().double(), sd["sigma"][1:] ** 2
+    c = 1 / (th + 1 / sig2)
+    g = D / 2 * (c ** 2 * (V + sig2) / sig2 ** 2 + c - V)
+    g[T - 1] = D / 2 * (1 / th[T - 1] - V[T - 1])
+    weight = sd["sigma"][1] / sd["sigma"][1:]
+    X = ((diag["f_pos"] - diag["f_neg"]).double() / (sd["s"][diag["t"]] ** 2 * th[diag["t"]]))  # per example
+    for level in range(T):
+        mine = diag["t"] == level
+        n_t = int(mine.sum())
+        expect = -(n_t / B) * weight[level] * sd["s"][level] ** 2 * g[level]
+        se = (n_t ** 0.5 / B) * weight[level] * sd["s"][level] ** 2 * X[mine].std()
+        assert abs(expect) > 10 * se  # the test can tell the sign
+        assert theta.grad[level].item() == pytest.approx(expect.item(), abs=4 * se.item()), level
 
 
 @pytest.mark.parametrize("level", [0, 2, 5])
@@ -219,6 +282,112 @@ def test_ais_exact_for_gaussian_levels():
     assert log_z == pytest.approx(exact, abs=max(0.03, 4 * se))
 
 
+def test_ais_rejected_non_finite_proposals_leave_the_chain_finite(monkeypatch):
+    """AIS's MALA step is a select: proposals that are inf or NaN (here the proposal noise of 10 of the
+    2000 particles is inf / NaN at every step) are rejected and never enter the chain, so log Z stays
+    finite and right for exact Gaussian levels (as below). A blend a * new + (1 - a) * old would turn
+    those particles into NaN (0 * inf) and log Z with them."""
+    torch.manual_seed(0)
+    sch = rl.make_schedule(6, 3e-2, 0.3)
+    c = torch.tensor([0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
+    randn_like = torch.randn_like
+
+    def poisoned(x, **kw):
+        e = randn_like(x, **kw)
+        e[:5], e[5:10] = float("inf"), float("nan")
+        return e
+    monkeypatch.setattr(torch, "randn_like", poisoned)
+    log_z, se, _ = rl.ais_log_z(lambda y, t: sch["s"][t] ** 2 * (-(y ** 2).sum(1) / (2 * c[t])), 2000, (2,), sch,
+                                20, "cpu")
+    assert math.isfinite(log_z) and math.isfinite(se)
+    assert log_z == pytest.approx(math.log(2 * math.pi * c[0] / sch["a_prev"][1] ** 2), abs=max(0.03, 4 * se))
+
+
+def test_bits_per_dim_bounds_a_known_discrete_entropy():
+    """(R7) on data whose NLL is known: every pixel an independent Gaussian of std 20 on the 0..255
+    scale rounded to an integer, whose entropy H is a sum over the 256 levels. The level-0 model, the
+    normalised Gaussian N(0, abar_0^2 s^2 + sigmabar_0^2) per dimension (s^2 the data's variance in
+    [-1, 1] units; log Z_0 = 0), has the bound 0.5 log2(2 pi e (abar_0^2 s^2 + sigmabar_0^2)) +
+    log2(127.5 / abar_0) per dimension in closed form, which lies above H by less than 0.005 bits.
+    bits_per_dim must return it; the entropy of the noise in place of the lattice term would land 2.4
+    bits below H, an impossible 'bound'."""
+    torch.manual_seed(0)
+    sch = rl.make_schedule(6, 2e-4, 0.3)
+    k = torch.arange(256, dtype=torch.float64)
+    P = torch.special.ndtr((k + 0.5 - 127.5) / 20) - torch.special.ndtr((k - 0.5 - 127.5) / 20)
+    P = P / P.sum()
+    H = -(P * P.log2()).sum().item()
+    s2 = ((P * (k - 127.5) ** 2).sum() / 127.5 ** 2).item()
+    abar0, sigmabar0, a1 = sch["abar"][0].item(), sch["sigmabar"][0].item(), sch["a_prev"][1]
+    var = abar0 ** 2 * s2 + sigmabar0 ** 2
+    bound = 0.5 * math.log2(2 * math.pi * math.e * var) + math.log2(127.5 / abar0)
+    assert 0 < bound - H < 0.005
+    pixels = torch.multinomial(P.float(), 4000 * 1024, replacement=True).reshape(4000, 1, 32, 32)
+    x = pixels.float() / 127.5 - 1
+
+    def f(y, t):  # s_0^2 log N(y / a_1; 0, var I): level 0's g_0 is that normalised density
+        x0 = y / a1
+        return sch["s"][t] ** 2 * (-(x0 ** 2).flatten(1).sum(1) / (2 * var) - 0.5 * 1024 * math.log(2 * math.pi * var))
+    bpd = rl.bits_per_dim(f, x, sch, 0.0, batch=1000)
+    se = bpd.std().item() / math.sqrt(len(bpd))
+    assert bpd.mean().item() == pytest.approx(bound, abs=4 * se) and bpd.mean().item() > H
+    assert se < 1e-3
+
+
+@pytest.mark.parametrize("net", ["resnet", "unet"])
+def test_amp_bf16_loss_within_tolerance_and_fp32_chains(net):
+    """--amp bf16 autocasts the network's forward pass only: on the same draws the training loss is
+    within 2% of the energies' scale (mean |f(y+)|) of the fp32 loss (bf16 keeps 8 bits of mantissa,
+    ~0.4% per operation), the network really ran in bf16, and the Langevin state, the loss and the
+    log-densities stay fp32."""
+    torch.manual_seed(0)
+    args = rl.get_args(["--dataset", "fashion", "--net", net, "--ch", "8", "--ch-mult", "1,2"])
+    model = rl.make_model(args, 1).eval()  # eval: spectral norm's power iteration frozen, the same f both times
+    sch = rl.make_schedule(args.T, args.b_square, args.step_cap, drift_cap=args.drift_cap, step_floor=args.step_floor)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    dtypes = []
+    conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x, f16 = torch.rand(8, 1, 32, 32) * 2 - 1, rl.with_amp(model, "bf16", "cpu")
+    torch.manual_seed(1)
+    loss32, d32 = rl.training_step(model, x, sch, 3)
+    assert set(dtypes) == {torch.float32}
+    torch.manual_seed(1)
+    loss16, d16 = rl.training_step(f16, x, sch, 3)
+    assert torch.bfloat16 in dtypes and loss16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) < 0.02 * d32["f_pos"].abs().mean().item()
+    loss16.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    y, info = rl.recovery_sample(f16, x, x, torch.full((8,), 2), sch, 2, 1.0, trace=True)
+    assert y.dtype == torch.float32 and info["log_p"].dtype == torch.float32
+
+
+def test_draw_samples_shares_the_work_and_gathers_equally_often(monkeypatch):
+    """Under torchrun each rank draws its share of n (common.rank_share) and every rank calls the
+    collective gather_rows equally often, also when the shares need different numbers of chunks (2
+    ranks, n = 201, chunks of 100: rank 0 draws 100 + 1, rank 1 100 + 0)."""
+    calls = {0: [], 1: []}
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+        monkeypatch.setattr(common, "rank_share", lambda n, r=rank: n // 2 + (r < n % 2))
+        monkeypatch.setattr(common, "is_main", lambda r=rank: r == 0)
+        monkeypatch.setattr(common, "gather_rows", lambda x, r=rank: calls[r].append(len(x)) or (x if r == 0 else None))
+        monkeypatch.setattr(rl, "progressive_sample", lambda f, k, shape, *a: torch.zeros(k, *shape))
+        args = argparse.Namespace(n_steps=1, sample_noise=1.0)
+        x = rl.draw_samples(None, 201, (2,), None, args, "cpu", chunk=100)
+        assert (x is None) == (rank == 1)
+    assert calls == {0: [100, 1], 1: [100, 0]}
+
+
+def test_mlp_level_table_equals_per_example_vectors():
+    """EnergyMLP gathers its level vectors from a table of all T levels when T <= B (no host sync) and
+    computes them per example otherwise: the same function either way."""
+    torch.manual_seed(0)
+    net = rl.EnergyMLP(16, 3, 4.0, n_levels=6)
+    y, t = torch.randn(10, 2), torch.randint(6, (10,))
+    torch.testing.assert_close(net(y, t), torch.cat([net(y[i:i + 3], t[i:i + 3]) for i in range(0, 10, 3)]))
+
+
 def test_resnet_energy_shapes_and_gradient():
     torch.manual_seed(0)
     args = rl.get_args(["--dataset", "fashion", "--net", "resnet", "--ch", "8", "--ch-mult", "1,2"])
@@ -293,12 +462,21 @@ def test_unet_energy_with_zero_u_is_the_noise_gaussian(level):
     assert y.var().item() == pytest.approx(float(c_ula), rel=0.05)  # 16384 draws: SE of the variance ~1.1%
 
 
-def run(tmp_path, *argv, check=True):
-    r = subprocess.run([sys.executable, SCRIPT, *argv], cwd=tmp_path, capture_output=True, text=True,
-                       env={**__import__("os").environ, "CI": "1"})
+def run(capsys, *argv, check=True):
+    """rl.main(argv) in-process, as `python recovery_likelihood.py ARGV` runs it (common.main_guard);
+    returns (exit code, stdout, stderr)."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        common.main_guard(lambda: rl.main(list(argv)))
+    except SystemExit as e:
+        code = e.code
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+    captured = capsys.readouterr()
     if check:
-        assert r.returncode == 0, r.stderr[-2000:]
-    return r
+        assert code == 0, captured.err[-2000:]
+    return code, captured.out, captured.err
 
 
 TINY = ["--log-every", "1", "--ckpt-every", "2", "--eval-samples", "200", "--test-points", "200",
@@ -310,10 +488,11 @@ def losses(path):
     return [json.loads(line)["loss"] for line in open(path / "log.jsonl")]
 
 
-def test_smoke_files_resume_and_eval_only(tmp_path):
+def test_smoke_files_resume_and_eval_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CI", "1")
     full, part = tmp_path / "full", tmp_path / "part"
-    r = run(tmp_path, "--steps", "4", "--out", str(full), *TINY)
-    assert r.stdout.strip().splitlines()[-1].startswith("metrics:")
+    _, stdout, _ = run(capsys, "--steps", "4", "--out", str(full), *TINY)
+    assert stdout.strip().splitlines()[-1].startswith("metrics:")
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "samples_4.png", "metrics.json"):
         assert (full / name).exists(), name
     metrics = json.loads((full / "metrics.json").read_text())
@@ -321,10 +500,13 @@ def test_smoke_files_resume_and_eval_only(tmp_path):
         assert key in metrics
     log = [json.loads(line) for line in open(full / "log.jsonl")]
     assert {"e_data_t0", "e_sample_t5", "langevin_grad_t3"} <= set(log[0])
-    run(tmp_path, "--steps", "2", "--out", str(part), *TINY)
-    run(tmp_path, "--steps", "4", "--out", str(part), "--resume", *TINY)
+    run(capsys, "--steps", "2", "--out", str(part), *TINY)
+    # a flag that changes the objective's negatives (the chain length) must match the checkpoint's
+    code, _, err = run(capsys, "--steps", "4", "--out", str(part), "--resume", *TINY, "--n-steps", "6", check=False)
+    assert code == 2 and "trained with --n-steps 5, not 6" in err and len(err.strip().splitlines()) == 1
+    run(capsys, "--steps", "4", "--out", str(part), "--resume", *TINY)
     assert losses(part) == losses(full)
-    run(tmp_path, "--out", str(full), "--eval-only", "--long-run", "2", *TINY)
+    run(capsys, "--out", str(full), "--eval-only", "--long-run", "2", *TINY)
     assert np.load(full / "samples.npz")["x"].shape == (200, 2)
     assert (full / "long_run.png").exists() and (full / "long_run_energy.png").exists()
     energies = json.loads((full / "long_run.json").read_text())  # K * 2 = 10 steps at each of the 6 levels
@@ -339,12 +521,14 @@ FASHION = ["--dataset", "fashion"]
                    b_square=2e-4, lr=5e-4, lr_decay="cosine", ema=0.999)),
     (FASHION + ["--net", "resnet"], dict(net="resnet", ch=32, n_steps=30, step_floor=0.3, step_cap=0.3,
                                          drift_cap=0.1)),
-    (["--dataset", "cifar10", "--preset", "paper"],  # NOTES.md 1: the authors' CIFAR-10 configuration
-     dict(net="resnet", ch=128, ch_mult="1,2,2,2", num_blocks=8, n_steps=30, b_square=2e-4, step_floor=0.0,
-          drift_cap=0.0, lr=1e-4, lr_decay="none", warmup=1000, batch_size=256, beta1=0.9, ema=0.999)),
-    (["--dataset", "celeba", "--preset", "paper"], dict(net="resnet", ch_mult="1,2,2,2,4", num_blocks=2,
+    (["--dataset", "cifar10"],  # the default preset for a data set the paper reports: the authors' configuration
+     dict(preset="paper", net="resnet", ch=128, ch_mult="1,2,2,2", num_blocks=8, n_steps=30, b_square=2e-4,
+          step_floor=0.0, drift_cap=0.0, lr=1e-4, lr_decay="none", warmup=1000, batch_size=256, beta1=0.9, ema=0.999,
+          fid_samples=50000, fid_split="train", sample_noise=0.99)),
+    (["--dataset", "cifar10", "--preset", "small"], dict(net="unet", ch=16, batch_size=64, fid_split="test")),
+    (["--dataset", "celeba", "--preset", "paper"], dict(net="resnet", ch_mult="1,2,2,2,4", num_blocks=6,
                                                         batch_size=128, beta1=0.5, step_floor=0.0)),
-    (["--dataset", "lsun_bedroom", "--preset", "paper"], dict(ch_mult="1,2,2,2,4,4", batch_size=64)),
+    (["--dataset", "lsun_bedroom", "--preset", "paper"], dict(ch_mult="1,2,2,2,4,4", num_blocks=5, batch_size=64)),
     (["--net", "resnet"], dict(net="mlp", batch_size=256, b_square=3e-2, step_cap=0.3, step_floor=0.0,
                                drift_cap=0.0, n_steps=30, ema=0.995)),  # toys: the MLP whatever --net says
 ])
@@ -389,26 +573,38 @@ def test_torchrun_two_processes(tmp_path):
 
 @pytest.mark.parametrize("argv,words", [(["--b-square", "-1"], "--b-square"), (["--drift-cap", "-1"], "--drift-cap"),
                                         (["--dataset", "cifar10", "--data-dir", "nowhere"], "cifar")])
-def test_one_line_errors(tmp_path, argv, words):
-    r = run(tmp_path, "--steps", "1", *argv, check=False)
-    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_one_line_errors(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)  # --data-dir nowhere: relative to here
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(common.urllib.request, "urlopen", offline)
+    code, _, err = run(capsys, "--steps", "1", "--out", str(tmp_path / "run"), *argv, check=False)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(not Path(common.FASHION_SYSTEM_DIR).exists(),
                     reason="Fashion-MNIST not installed (apt dataset-fashion-mnist)")
-def test_fashion_smoke(tmp_path):
+def test_fashion_smoke(tmp_path, capsys):
     """The image default (--net unet) end to end, logged at every step: a fresh network's large
     |loss| in the warm-up must not be taken for a runaway."""
-    r = run(tmp_path, "--dataset", "fashion", "--steps", "2", "--ch", "8", "--ch-mult", "1,2", "--out", "f",
-            "--fid-samples", "0", "--log-every", "1", "--test-points", "20", "--ais-particles", "4",
-            "--ais-steps", "2", "--n-steps", "3")
+    _, stdout, _ = run(capsys, "--dataset", "fashion", "--steps", "2", "--ch", "8", "--ch-mult", "1,2",
+                       "--out", str(tmp_path / "f"), "--fid-samples", "0", "--log-every", "1", "--test-points", "20",
+                       "--ais-particles", "4", "--ais-steps", "2", "--n-steps", "3")
     # with 4 AIS particles in 1024 dimensions the ESS is ~1: bpd is withheld, not printed as a number
-    assert "ais_ess=" in r.stdout and "bpd not reported" in r.stdout
-    assert "bpd=" not in r.stdout and "log_z=" not in r.stdout
+    assert "ais_ess=" in stdout and "bpd not reported" in stdout
+    assert "bpd=" not in stdout and "log_z=" not in stdout
     assert (tmp_path / "f" / "samples_2.png").exists()
 
 
 def test_runaway_check():
-    rl.check_runaway(10, -3.27)  # the largest |loss| of a fashion run whose excursion recovered
+    rl.check_runaway(10, -3.27, 1024)  # the largest |loss| of a fashion run whose excursion recovered
     with pytest.raises(common.Diverged, match="step 800.*--lr"):
-        rl.check_runaway(800, -5.81)  # the smallest first logged |loss| above 3.3 of a run that ran away
+        rl.check_runaway(800, -5.81, 1024)  # the smallest first logged |loss| above 3.3 of a run that ran away
+    # the limit grows with D (f sums over pixels): CIFAR-10 (3072) 15, LSUN 128 (49152) 240; toys keep 5
+    rl.check_runaway(10, 14.9, 3 * 32 * 32)
+    rl.check_runaway(10, 239.0, 3 * 128 * 128)
+    with pytest.raises(common.Diverged, match="> 15"):
+        rl.check_runaway(10, 15.1, 3 * 32 * 32)
+    with pytest.raises(common.Diverged, match="> 5"):
+        rl.check_runaway(10, 5.1, 2)

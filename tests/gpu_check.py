@@ -1,0 +1,127 @@
+"""The prepared GPU check: one command, one table, under 8 minutes on one GPU.
+
+    python tests/gpu_check.py            # on a machine without CUDA: says so, exits 0
+
+1. Device tests on CUDA: Langevin against a Gaussian whose answer is known; MALA; the
+   Inception features on the GPU against the CPU's (FID's input); bf16 autocast around a
+   network leaves a Langevin state in fp32.
+2. Each script at its paper preset (full width, fake CIFAR-10 in the official format):
+   seconds per training step and peak GPU memory in fp32 and with --amp bf16 (read from
+   log.jsonl, after a warm-up interval), and the host syncs per training step, counted from
+   torch.cuda.set_sync_debug_mode("warn") (common.pick_device turns it on under
+   EBM_SYNC_DEBUG=1; the count includes the log and checkpoint steps).
+The table goes to stdout and to gpu_check.json beside the current folder; paste it into
+docs/benchmark.md with the date and the GPU's name.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import common  # noqa: E402
+from fakedata import write_fake  # noqa: E402
+
+STEPS, LOG_EVERY = 20, 10
+# Each script's paper preset on CIFAR-10 (the default for that data set), evaluation off.
+RUNS = {
+    "recovery_likelihood": ["--dataset", "cifar10", "--fid-samples", "0", "--ais-particles", "8", "--ais-steps", "2",
+                            "--test-points", "8"],
+    "energy_vs_score A": ["--dataset", "cifar10", "--model", "A", "--fid-samples", "0", "--sample-steps", "10"],
+    "energy_vs_score B": ["--dataset", "cifar10", "--model", "B", "--fid-samples", "0", "--sample-steps", "10"],
+    "energy_vs_score C": ["--dataset", "cifar10", "--model", "C", "--fid-samples", "0", "--sample-steps", "10"],
+    "damc_prior": ["--dataset", "cifar10", "--fid-samples", "0", "--recon-images", "16"],
+    "latent_tilt vae": ["--dataset", "cifar10", "--stage", "base", "--base", "vae", "--fid-samples", "0"],
+}
+
+
+def device_tests():
+    """(name, passed, detail) for each check on CUDA."""
+    rows, dev = [], torch.device("cuda")
+    torch.manual_seed(0)
+    mean, cov = torch.tensor([1.0, -2.0], device=dev), torch.tensor([[1.0, 0.8], [0.8, 2.0]], device=dev)
+    prec = torch.linalg.inv(cov)
+
+    def log_p(x):
+        d = x - mean
+        return -0.5 * ((d @ prec) * d).sum(1)
+    x = common.langevin(log_p, torch.zeros(50000, 2, device=dev), 600, 0.3)
+    err = (torch.cov(x.T) - cov).abs().max().item()
+    rows.append(("langevin: covariance of N(m, S)", err < 0.08, f"max |cov - S| = {err:.3f}"))
+    x = common.langevin(log_p, torch.zeros(50000, 2, device=dev), 300, 1.2, mh=True)
+    err = (torch.cov(x.T) - cov).abs().max().item()
+    rows.append(("MALA at a large step: covariance", err < 0.08, f"max |cov - S| = {err:.3f}"))
+    imgs = torch.rand(16, 3, 32, 32) * 2 - 1
+    f_cpu = common.inception_features(imgs, device="cpu")
+    f_gpu = common.inception_features(imgs, device="cuda")
+    rel = float(abs(f_gpu - f_cpu).max() / abs(f_cpu).max())
+    rows.append(("Inception features GPU vs CPU", rel < 1e-2, f"max rel. diff {rel:.1e}"))
+    net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 1)).to(dev)
+
+    def lp_bf16(x):
+        with common.autocast("bf16", dev):
+            return net(x).squeeze(1)
+    y = common.langevin(lp_bf16, torch.zeros(8, 2, device=dev), 3, 0.1)
+    rows.append(("bf16 network, Langevin state", y.dtype == torch.float32, str(y.dtype)))
+    return rows
+
+
+def read_log(out):
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    last = rows[-1]
+    return last.get("seconds", float("nan")) / LOG_EVERY, last.get("max_mem_gb", float("nan"))
+
+
+def time_script(name, argv, data_dir, amp):
+    script = name.split()[0]
+    out = Path(tempfile.mkdtemp(prefix=f"gpu_check_{script}_"))
+    cmd = [sys.executable, str(ROOT / f"{script}.py"), *argv, "--data-dir", str(data_dir), "--out", str(out / "run"),
+           "--steps", str(STEPS), "--log-every", str(LOG_EVERY), "--ckpt-every", str(10 * STEPS), "--amp", amp]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EBM_SYNC_DEBUG": "1", "CI": "1"},
+                       timeout=240)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    sec, mem = read_log(out / "run")
+    syncs = r.stderr.count("called a synchronizing CUDA operation")
+    return {"s_per_step": sec, "max_mem_gb": mem, "syncs_per_step": syncs / STEPS, "wall_s": time.time() - t0}
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; nothing to check (run it on a GPU machine)")
+        return 0
+    name = torch.cuda.get_device_name(0)
+    print(f"gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    results = {"gpu": name, "date": time.strftime("%Y-%m-%d"), "device_tests": [], "scripts": {}}
+    ok = True
+    for test, passed, detail in device_tests():
+        ok &= passed
+        results["device_tests"].append([test, passed, detail])
+        print(f"  {'ok  ' if passed else 'FAIL'} {test:40s} {detail}")
+    data_dir = write_fake(tempfile.mkdtemp(prefix="gpu_check_data_"), "cifar10", n_train=4000, n_test=100)
+    print(f"\n| script (paper preset, cifar10) | s/step fp32 | s/step bf16 | bf16 speed-up | GB fp32 | GB bf16 "
+          f"| syncs/step fp32 |\n|---|---|---|---|---|---|---|")
+    for run, argv in RUNS.items():
+        res = {amp: time_script(run, argv, data_dir, amp) for amp in ("none", "bf16")}
+        results["scripts"][run] = res
+        a, b = res["none"], res["bf16"]
+        if "error" in a or "error" in b:
+            ok = False
+            print(f"| {run} | error: {a.get('error') or b.get('error')} |")
+            continue
+        print(f"| {run} | {a['s_per_step']:.3f} | {b['s_per_step']:.3f} | {a['s_per_step'] / b['s_per_step']:.2f} "
+              f"| {a['max_mem_gb']:.1f} | {b['max_mem_gb']:.1f} | {a['syncs_per_step']:.1f} |")
+    Path("gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
