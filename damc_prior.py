@@ -39,7 +39,9 @@ Evaluation (images; --preset paper follows the authors' train_gen_recon.py / eva
   --fid-samples images (common.check_fid_protocol) and the test split --recon-images.
 - Under torchrun every rank draws its share of the FID samples; rank 0 scores them.
 - Toy: post_dist_damc, post_dist_langevin (mean over observations x of the RBF-MMD^2 to the
-  exact posterior), mmd.
+  exact posterior), mmd; the learned prior against the true latent, exact on the grid:
+  log_px_gap (mean log p(x) of held-out x, learned prior minus true prior, nats; 0 is perfect),
+  log_px_gap_gaussian (the same for N(0, I)), prior_mmd (MMD^2, exact prior draws vs. true latents).
 
 Langevin convention (poster, authors' code): with U = -log pi,
     z <- z - s^2/2 grad U(z) + s w = z + s^2/2 grad log pi(z) + s w,  w ~ N(0, I)
@@ -160,6 +162,8 @@ def build_parser():
     a("--eval-every", type=int, default=250, help="toy: steps between posterior-distance evaluations")
     a("--eval-x", type=int, default=16, help="toy: observations x the posterior distance is averaged over")
     a("--eval-z", type=int, default=128, help="toy: posterior samples per x and method")
+    a("--eval-prior-x", type=int, default=500, help="toy: held-out observations x for log_px_gap; twice as many "
+      "true latents for prior_mmd (default 500; ours, the paper has no such metric)")
     return p
 
 
@@ -193,7 +197,8 @@ def resolve_defaults(args):
         raise common.UserError("--flip applies to images: drop it for a toy")
     common.check_positive(args, "batch_size", "nz", "ngf", "ndf", "nxemb", "sigma", "post_step_size",
                           "prior_step_size", "eval_prior_step_size", "slow_every", "q_lr", "g_lr", "e_lr",
-                          "lr_decay", "lr_decay_every", "slow_rate", "eval_every", "eval_x", "eval_z", "arms")
+                          "lr_decay", "lr_decay_every", "slow_rate", "eval_every", "eval_x", "eval_z", "eval_prior_x",
+                          "arms")
     if args.q_width < 2 or args.q_width % 2:
         raise common.UserError(f"--q-width must be an even number >= 2 (got {args.q_width})")
     if args.q_steps < 2:
@@ -605,7 +610,77 @@ def exact_posterior_sample(x, grid_info, sigma, n):
     return grid[idx] + h * (torch.rand(n, 2, device=grid.device) - 0.5)
 
 
-def toy_posterior_eval(model, args, x_eval):
+def true_grid_log_mass(args, grid_info, n_r=3000, n_t=300):
+    """log of the TRUE latent's probability of each grid cell [n*n] (cells of exact_posterior_grid),
+    renormalised on the grid. pinwheel: common.pinwheel_sample's Gaussian (r, t) (radial std 0.3,
+    tangential std 0.1, rate 0.25) pushed through its map z = 2 R(2 pi arm / arms + 0.25 e^r) (r, t),
+    integrated by a midpoint rule over r, t within 6 std (n_r x n_t points per arm) and binned into the
+    cells; the pinwheel's mass outside [-4, 4]^2 is 4e-4. Other toys: common.toy_log_prob at the cell centres."""
+    grid, h = grid_info[0], grid_info[3]
+    if args.dataset != "pinwheel":
+        return torch.log_softmax(common.toy_log_prob(args.dataset, grid.cpu()).to(grid.device), 0)
+    r_std, t_std, rate = 0.3, 0.1, 0.25
+    dr, dt = 12 * r_std / n_r, 12 * t_std / n_t
+    r = 1.0 + dr * (torch.arange(n_r, dtype=torch.float64) + 0.5 - n_r / 2)
+    t = dt * (torch.arange(n_t, dtype=torch.float64) + 0.5 - n_t / 2)
+    r, t = torch.meshgrid(r, t, indexing="ij")
+    w = (torch.exp(-0.5 * ((r - 1) / r_std) ** 2 - 0.5 * (t / t_std) ** 2)).flatten()  # unnormalised N x N
+    lim, n = -grid[0, 0].item() + h / 2, round(math.sqrt(len(grid)))
+    mass = torch.zeros(n * n, dtype=torch.float64)
+    for arm in range(args.arms):
+        angle = arm * 2 * math.pi / args.arms + rate * torch.exp(r)
+        z1 = 2 * (torch.cos(angle) * r - torch.sin(angle) * t).flatten()
+        z2 = 2 * (torch.sin(angle) * r + torch.cos(angle) * t).flatten()
+        i, j = torch.floor((z1 + lim) / h).long(), torch.floor((z2 + lim) / h).long()
+        inside = (i >= 0) & (i < n) & (j >= 0) & (j < n)  # the grid is indexed [i (z1), j (z2)]
+        mass += torch.bincount(i[inside] * n + j[inside], weights=w[inside], minlength=n * n)
+    return (mass / mass.sum()).log().float().to(grid.device)
+
+
+def grid_log_px(x, log_mass, gz, sigma, chunk=128):
+    """Exact log p(x) [..., K] of observations x [K, 2] under priors given by their normalised log mass
+    on the grid [..., M] (g(grid) [M, 2] the likelihood's mean): log sum_c mass_c N(x; g(z_c), sigma^2 I)."""
+    out = []
+    for xb in x.split(chunk):  # fp32 with exact differences (no |a|^2 + |b|^2 - 2ab): 1e-6 nats of rounding
+        d2 = torch.cdist(xb.float(), gz.float(), compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        log_lik = -d2 / (2 * sigma ** 2) - math.log(2 * math.pi * sigma ** 2)
+        out.append(torch.logsumexp(log_mass.float()[..., None, :] + log_lik, -1))
+    return torch.cat(out, -1)
+
+
+def grid_sample(grid_info, log_mass, n):
+    """n exact draws from the prior whose log mass on the grid is log_mass: a cell by its mass,
+    then a uniform position inside it."""
+    grid, h = grid_info[0], grid_info[3]
+    idx = torch.multinomial(torch.softmax(log_mass.double(), 0).float(), n, replacement=True)
+    return grid[idx] + h * (torch.rand(n, 2, device=grid.device) - 0.5)
+
+
+def reference_log_px(grid_info, true_log_mass, x_held, sigma):
+    """log p(x) [2, K] of the held-out observations x_held [K, 2] under the TRUE prior and under
+    N(0, I), both exact on the grid (fixed over training: computed once)."""
+    grid, gz = grid_info[0], grid_info[2]
+    log_mass_gauss = torch.log_softmax(-0.5 * (grid.double() ** 2).sum(1), 0)
+    return grid_log_px(x_held, torch.stack([true_log_mass.float(), log_mass_gauss.float()]), gz, sigma)
+
+
+def prior_fit_eval(grid_info, reference, x_held, z_true, sigma):
+    """How close the learned prior (its log density on the grid in grid_info) is to the true latent
+    distribution, with g and sigma at the truth. log_px_gap = mean over the held-out x [K, 2] of
+    log p(x) under the learned prior minus log p(x) under the true one (reference = reference_log_px:
+    [true, N(0, I)]); nats, an estimate of -KL(p_true(x) || p_model(x)), so <= 0 up to grid and
+    sampling error; log_px_gap_gaussian the same for the N(0, I) prior. prior_mmd = MMD^2 between
+    exact grid draws of the learned prior and the true latents z_true [N, 2].
+    Returns (metrics, the grid draws of the learned prior)."""
+    log_mass = torch.log_softmax(grid_info[1].double(), 0)  # the midpoint rule: a cell's mass prop. to its density
+    log_px = grid_log_px(x_held, log_mass, grid_info[2], sigma)
+    z_ebm = grid_sample(grid_info, log_mass, len(z_true))
+    return {"log_px_gap": (log_px - reference[0]).mean().item(),
+            "log_px_gap_gaussian": (reference[1] - reference[0]).mean().item(),
+            "prior_mmd": common.mmd_rbf(z_ebm, z_true)}, z_ebm
+
+
+def toy_posterior_eval(model, args, x_eval, grid_info=None):
     """Mean over the observations x_eval [K, 2] of MMD^2 (common.mmd_rbf) between each
     sampler's posterior samples and exact ones. DAMC: q(z | x) alone (100 ancestral steps);
     Langevin: post_steps short-run chains from N(0, I) (the LEBM sampler). Also returns the
@@ -615,7 +690,7 @@ def toy_posterior_eval(model, args, x_eval):
     x_rep = x_eval.repeat_interleave(m, 0)
     z_q = q_sample(q, x=x_rep, n_steps=args.q_steps, amp=args.amp)
     z_ld = sample_posterior(torch.randn_like(z_q), x_rep, g, E, args.sigma, args.post_steps, args.post_step_size)
-    grid_info = exact_posterior_grid(g, E)
+    grid_info = exact_posterior_grid(g, E) if grid_info is None else grid_info
     z_ex = torch.cat([exact_posterior_sample(x, grid_info, args.sigma, m) for x in x_eval])
     d_q, d_ld = [], []
     for k in range(len(x_eval)):
@@ -625,12 +700,9 @@ def toy_posterior_eval(model, args, x_eval):
     return {"post_dist_damc": float(np.mean(d_q)), "post_dist_langevin": float(np.mean(d_ld))}, (z_ex, z_q, z_ld)
 
 
-def toy_picture(path, model, args, pooled):
-    """Panels: true latent, EBM prior (Langevin), exact posterior, DAMC q, short-run Langevin."""
+def toy_picture(path, z_true, z_ebm, pooled):
+    """Panels: true latent, EBM prior (exact grid draws), exact posterior, DAMC q, short-run Langevin."""
     z_ex, z_q, z_ld = pooled
-    n = len(z_ex)
-    z_true = toy_latent(args, n).to(z_ex.device)
-    z_ebm = sample_prior(torch.randn_like(z_ex), model["E"], args.eval_prior_steps, args.eval_prior_step_size)
     common.save_toy_panels(path, [("true latent", z_true), ("EBM prior", z_ebm), ("exact posterior", z_ex),
                                   ("DAMC q(z|x)", z_q), ("short-run LD", z_ld)], lim=4.0)
 
@@ -747,6 +819,11 @@ def main(argv=None):
                                                 workers=min(4, os.cpu_count() or 1))
     # fixed observations for the toy's posterior distance, the same for every run of the toy
     x_eval = toy_batch(args, model["g"], args.eval_x, device, torch.Generator().manual_seed(1))[0] if toy else None
+    if toy:  # the prior's fit: held-out observations, true latents and the true prior's mass on the grid
+        x_held = toy_batch(args, model["g"], args.eval_prior_x, device, torch.Generator().manual_seed(2))[0]
+        z_true = toy_latent(args, 2 * args.eval_prior_x, torch.Generator().manual_seed(3)).to(device)
+        grid_info = exact_posterior_grid(model["g"], model["E"])
+        reference = reference_log_px(grid_info, true_grid_log_mass(args, grid_info), x_held, args.sigma)
     start, dist_history = 0, []
     if state is not None:
         for name, m in model.items():
@@ -763,9 +840,12 @@ def main(argv=None):
 
     def evaluate_toy(step):
         with fork_rng():
-            dists, pooled = toy_posterior_eval(model, args, x_eval)
+            grid_info = exact_posterior_grid(model["g"], model["E"])
+            dists, pooled = toy_posterior_eval(model, args, x_eval, grid_info)
+            fit, z_ebm = prior_fit_eval(grid_info, reference, x_held, z_true, args.sigma)
+            dists.update(fit)
             if common.is_main():
-                toy_picture(out / f"samples_{step}.png", model, args, pooled)
+                toy_picture(out / f"samples_{step}.png", z_true, z_ebm, pooled)
         dist_history.append({"step": step, **dists})
         return dists, pooled
 
@@ -808,7 +888,8 @@ def main(argv=None):
         x_data, _ = toy_batch(args, model["g"], 1000, device)
         metrics = {**dists, "mmd": common.mmd_rbf(x_model, x_data)}
         if len(dist_history) > 1:
-            common.save_line_plot(out / "post_dist.png", {k: [h[k] for h in dist_history] for k in dists},
+            common.save_line_plot(out / "post_dist.png", {k: [h[k] for h in dist_history] for k in dists
+                                                          if k.startswith("post_dist")},
                                   x=[h["step"] for h in dist_history], xlabel="training step",
                                   ylabel="MMD$^2$ to the exact posterior", log_y=True,
                                   title="posterior samples: DAMC's q vs. short-run Langevin")

@@ -34,13 +34,13 @@ samples when torch-fidelity's weights can be had. Not in the paper: mnist / fash
 protocol against their training splits (60,000 and 162,770 images).
 
 Offline demo (8gaussians; 3000 steps of each model, then 2000 samples per model with a
-200-step strided sampler; the README gives measured numbers and times):
+200-step strided sampler; docs/energy_vs_score.md gives measured numbers and times):
     python energy_vs_score.py --model all
-    -> ~11 min on the shared 2-core CPU: A mmd 0.0031, B 0.0022, C 0.0164 (C worse, as in
+    -> about 1 min on a 2-core CPU: A mmd 0.0031, B 0.0022, C 0.0164 (C worse, as in
        Table 1); B_asym, C_asym ~1e-16 (floating point), A_asym 0.08.
 Section 2's diagnostics per noise level on untrained (or, with --eval-only, trained) nets:
     python energy_vs_score.py --model all --steps 0 --diagnose
-Fashion-MNIST (small U-Net, 16 channels, batch 16; ~1 s per B step on a busy 2-core CPU):
+Fashion-MNIST (small U-Net, 16 channels, batch 16; 0.1 s per B step on a 2-core CPU):
     python energy_vs_score.py --dataset fashion --model B --steps 500
 Full reproduction (CIFAR-10, --preset paper is its default; one GPU per model, days):
     python energy_vs_score.py --dataset cifar10 --model all

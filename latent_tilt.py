@@ -36,7 +36,7 @@ ebm_fid (or fid for the pixel EBM), tilt.png and langevin_traj.png (Figure 5.3).
 Offline demo (25-Gaussians: 10000 VAE steps, then up to 1000 EBM steps; 36 s on 2 idle CPU cores):
     python latent_tilt.py
   measured: hq_frac 0.507 -> 0.602, modes 25 -> 25, mmd 0.0057 -> 0.0059 (EBM of step 800 kept).
-Fashion-MNIST on a CPU budget (README: the budget and the FIDs it gave):
+Fashion-MNIST on a CPU budget (docs/latent_tilt.md: the budget and the FIDs it gave):
     python latent_tilt.py --dataset fashion --preset small --stage base --base vae
     python latent_tilt.py --dataset fashion --preset small --stage ebm --base vae
 Paper configuration (the default for mnist, fashion, cifar10; GPU; Table 1: VAE 57.1 -> VAE + EBM
@@ -111,12 +111,12 @@ def build_parser():
     p.add_argument("--hidden", type=int, default=64, help="toys: width of the MLP VAE")
     p.add_argument("--e-hidden", type=int, default=64, help="toys: width of the energy MLP")
     p.add_argument("--input-scale", type=float, default=8.0,
-                   help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt: README)")
+                   help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt: docs/latent_tilt.md)")
     p.add_argument("--recon-std", type=float, default=0.05, help="toys: std of the VAE's Gaussian decoder")
     p.add_argument("--glow-levels", type=int, default=2, help="GLOW levels (squeeze ... split); paper: 2, cifar10 3")
     p.add_argument("--glow-depth", type=int, default=4, help="GLOW flow steps per level (paper: 16, cifar10 32)")
     p.add_argument("--glow-hidden", type=int, default=32, help="GLOW coupling width (paper: 64, cifar10 256)")
-    p.add_argument("--glow-scale-floor", type=float, default=0.01, help="coupling scales >= this (Glow: 0; README)")
+    p.add_argument("--glow-scale-floor", type=float, default=0.01, help="coupling scales >= this (Glow: 0; docs/latent_tilt.md)")
     p.add_argument("--flow-couplings", type=int, default=4, help="GLF latent flow couplings (paper: 4)")
     p.add_argument("--flow-hidden", type=int, default=256, help="GLF coupling hidden units (paper: 256)")
     p.add_argument("--ch", type=int, default=16, help="energy net width (paper: 64 -> 3 blocks of 64, 3 of 128)")
@@ -128,7 +128,7 @@ def build_parser():
                         "toys, 20 images)")
     p.add_argument("--sample-steps", type=int, default=100, help="Langevin steps when sampling (paper: 100)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1; default 0.1 images, 0.3 toys: README)")
+                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1; default 0.1 images, 0.3 toys: docs/latent_tilt.md)")
     p.add_argument("--eval-every", type=int, default=None, help="early stop: score every N steps (toys 200; 50)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many scores without improvement (0: never)")
     p.add_argument("--stop-samples", type=int, default=None,

@@ -21,10 +21,10 @@ so equations are labelled here:
   (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
                        s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md), and on images floored at
                        s_t >= floor * sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps
-                       30 steps of even the exact chain cover under half of p(y_t | x_{t+1}); README):
+                       30 steps of even the exact chain cover under half of p(y_t | x_{t+1}); docs/recovery_likelihood.md):
                        K = 15 steps at 0.42 sigma_{t+1} (--net unet), 30 at 0.3 (--net resnet)
   (R3') drift cap      ours, --net resnet: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
-                       c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (README)
+                       c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (docs/recovery_likelihood.md)
   (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code), y- from (R2)
                        started at x_{t+1}
   (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
@@ -59,7 +59,7 @@ Demo (offline, CPU: about 2 CPU-minutes, i.e. 2.5-4 minutes on 2 idle cores):
   expect mmd ~5e-4, |nll - nll_exact| ~0.01-0.05 nats, nll - nll_true 0.4-0.9 nats, nearly all of it
   the relative weights of the modes (kl_mode_weights; the within-mode part is ~0.03 nats).
     python recovery_likelihood.py --dataset fashion --steps 1000   # small U-Net energy, ~1 hour on 2 cores
-  expect FID ~115 (500 samples against the test split) and recognisable items (README,
+  expect FID ~115 (500 samples against the test split) and recognisable items (docs/recovery_likelihood.md,
   Fashion-MNIST; --net resnet: blobs, ~170)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
     torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
@@ -83,7 +83,7 @@ import common
 
 # The paper / authors' code (NOTES.md 1; blocks, beta1 and batch per data set from their README's
 # commands and their code's default batch of 64). `steps` is ours (the text we have gives none).
-_PAPER = dict(net="resnet", ch=128, sn=True, act="lrelu", T=6, n_steps=30, b_square=2e-4,
+_PAPER = dict(net="resnet", ch=128, sn=True, T=6, n_steps=30, b_square=2e-4,
               step_cap=0.3,  # inactive at b^2 = 2e-4: s_t <= 0.15 sigma_{t+1}
               step_floor=0.0, drift_cap=0.0, lr=1e-4, lr_decay="none", warmup=1000, ema=0.999, flip=True,
               sample_noise=0.99, steps=400000, fid_samples=50000, fid_split="train")
@@ -102,7 +102,7 @@ def get_args(argv=None):
                            batch_size_help="default 256 toys, 64 images; paper 256 CIFAR-10, 128 CelebA, 64 LSUN")
     p.add_argument("--T", type=int, default=6, help="number of noise levels (paper: 6 for FID, 1000 for likelihood)")
     p.add_argument("--n-steps", type=int, default=None,
-                   help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, README)")
+                   help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, docs/recovery_likelihood.md)")
     p.add_argument("--b-square", type=float, default=None,
                    help="b^2 of the step-size rule (R3) (paper 2e-4 for images; default 3e-2 for toys, "
                         "where 2e-4 leaves NLL gaps of tens of nats)")
@@ -113,20 +113,20 @@ def get_args(argv=None):
     p.add_argument("--step-floor", type=float, default=None,
                    help="floor s_t >= floor * sigma_{t+1} at levels t >= 1, at most --step-cap (not in the paper; "
                         "default 0.42 for --net unet's 15 steps, 0.3 for --net resnet's 30: the rule's steps leave "
-                        "the chains short of p(y_t | x_{t+1}), README; 0: off, toys and paper)")
+                        "the chains short of p(y_t | x_{t+1}), docs/recovery_likelihood.md; 0: off, toys and paper)")
     p.add_argument("--drift-cap", type=float, default=None,
                    help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
-                        "default 0.1 for --net resnet on images, where it bounds runaways (README, Stability); "
+                        "default 0.1 for --net resnet on images, where it bounds runaways (docs/recovery_likelihood.md); "
                         "0: off, toys, paper and --net unet, whose chains it would hold back)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
                    help="Adam learning rate (paper 1e-4; default 5e-4, for runs of ~1000 steps: higher lets the "
-                        "toys' mode weights wander, and --net resnet can run away at level 0: README, Stability)")
+                        "toys' mode weights wander, and --net resnet can run away at level 0: docs/recovery_likelihood.md)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
                    help="lr after warm-up (paper: none; default cosine to 0: on toys the level-0 mode weights wander "
-                        "with the lr; with --net resnet use it with --drift-cap, README)")
+                        "with the lr; with --net resnet use it with --drift-cap, docs/recovery_likelihood.md)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
@@ -134,7 +134,7 @@ def get_args(argv=None):
     p.add_argument("--net", default=None, choices=["resnet", "unet"],
                    help="image energy: resnet, the authors' (--preset paper); unet (--preset small's default, ours): "
                         "f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U, which at 1000 CPU steps draws "
-                        "items where the small ResNet draws blobs (README, Fashion-MNIST)")
+                        "items where the small ResNet draws blobs (docs/recovery_likelihood.md)")
     p.add_argument("--ch", type=int, default=None,
                    help="base channels (paper 128; default 32 for resnet, 16 for unet: 1000 CPU steps in ~1 hour)")
     p.add_argument("--ch-mult", default="1,2,2",
@@ -144,8 +144,6 @@ def get_args(argv=None):
     p.add_argument("--sn", action=argparse.BooleanOptionalAction, default=True,
                    help="spectral norm on every conv and dense layer of the ResNet but the head's time-embedding "
                         "projection (authors' code: on)")
-    p.add_argument("--act", default="lrelu", choices=["lrelu", "silu"],
-                   help="ResNet activation (authors' code: leaky-ReLU 0.2, ReLU before the sum; silu: SiLU in both)")
     p.add_argument("--hidden", type=int, default=128, help="toy MLP width (NOTES: 3 x 128 SiLU)")
     p.add_argument("--input-scale", type=float, default=4.0, help="toy MLP multiplies y by this (NOTES: ~4 needed)")
     p.add_argument("--eval-samples", type=int, default=2000, help="toys: samples for mmd / pictures")
@@ -241,7 +239,7 @@ def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor
     recovery[T] = 0.0
     t = torch.arange(T)
     s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
-    floor = (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2  # ours, images: above level 0 only (README)
+    floor = (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2  # ours, images: above level 0 only (docs/recovery_likelihood.md)
     s2 = torch.maximum(s2, floor)  # so that K steps can reach p(y_t | x_{t+1})
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
     sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt())
@@ -323,9 +321,7 @@ def make_model(args, in_ch):
         sch = make_schedule(args.T, args.b_square, args.step_cap, step_floor=args.step_floor)
         return EnergyUNet(common.UNet(in_ch, args.ch, ch_mult, args.num_blocks, attn_res=(), dropout=0.0,
                                       resolution=32), sch)
-    silu = nn.SiLU() if args.act == "silu" else None  # ours, --act silu: a smooth f (README, Deviations)
-    return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn,
-                               act=silu, final_act=silu)
+    return common.EnergyResNet(in_ch, args.ch, ch_mult, args.num_blocks, time_embed=True, sn=args.sn)
 
 
 def with_amp(f, amp, device):
@@ -741,7 +737,7 @@ def main(argv=None):
     if args.resume or args.eval_only:
         # every flag that changes the network, the levels or the objective's negatives (the chain) must match
         state = common.load_checkpoint(out / "checkpoint.pt", "recovery_likelihood", args,
-                                       must_match=("dataset", "T", "net", "ch", "ch_mult", "num_blocks", "act", "sn",
+                                       must_match=("dataset", "T", "net", "ch", "ch_mult", "num_blocks", "sn",
                                                    "hidden", "input_scale", "n_steps", "b_square", "step_cap",
                                                    "step_floor", "drift_cap", "flip"))
         common.load_state(model, state["model"], "model")

@@ -12,7 +12,6 @@ Run it on an otherwise idle machine: two busy cores make every timing wrong.
 """
 import argparse
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -107,8 +107,8 @@ def main():
         results["device_tests"].append([test, passed, detail])
         print(f"  {'ok  ' if passed else 'FAIL'} {test:40s} {detail}")
     data_dir = write_fake(tempfile.mkdtemp(prefix="gpu_check_data_"), "cifar10", n_train=4000, n_test=100)
-    print(f"\n| script (paper preset, cifar10) | s/step fp32 | s/step bf16 | bf16 speed-up | GB fp32 | GB bf16 "
-          f"| syncs/step fp32 |\n|---|---|---|---|---|---|---|")
+    print("\n| script (paper preset, cifar10) | s/step fp32 | s/step bf16 | bf16 speed-up | GB fp32 | GB bf16 "
+          "| syncs/step fp32 |\n|---|---|---|---|---|---|---|")
     for run, argv in RUNS.items():
         res = {amp: time_script(run, argv, data_dir, amp) for amp in ("none", "bf16")}
         results["scripts"][run] = res

@@ -7,7 +7,6 @@ SCRIPT.py` does); the interrupted runs and the NaN cases run real processes.
 """
 import importlib
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -796,8 +797,10 @@ def test_an_error_on_rank_0_alone_stops_every_rank_with_its_line(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), str(blocker / "run")], env=env, capture_output=True, text=True, timeout=60)
+    assert time.time() - t0 < 30  # both ranks stopped, none waited out the collective's timeout
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1 and "cannot write" in errors[0] and "--out" in errors[0]
     # no rank printed a traceback (torchrun's launcher prints its own ChildFailedError summary)

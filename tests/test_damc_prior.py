@@ -82,6 +82,72 @@ def test_exact_grid_reaches_the_prior_and_posterior_of_a_linear_energy():
     assert torch.allclose(z.var(0), torch.full((2,), sigma ** 2 / (1 + sigma ** 2)), atol=0.01)
 
 
+def test_grid_log_px_is_the_closed_form_marginal_of_a_linear_gaussian():
+    # g = identity, prior N(-a, I): p(x) = N(x; -a, (1 + sigma^2) I); a dropped normaliser of the
+    # likelihood or of the prior's mass would shift every value
+    g = nn.Linear(2, 2, bias=False)
+    g.weight.data.copy_(torch.eye(2))
+    sigma, a = 0.25, torch.tensor(A)
+    grid, log_pz, gz, h = damc_prior.exact_posterior_grid(g, LinearEnergy(A), lim=6.0, n=300)
+    x = torch.tensor([[0.0, 0.0], [1.0, -0.5], [-2.0, 1.5]])
+    got = damc_prior.grid_log_px(x, torch.log_softmax(log_pz, 0), gz, sigma)
+    var = 1 + sigma ** 2
+    want = -((x + a) ** 2).sum(1) / (2 * var) - math.log(2 * math.pi * var)
+    assert torch.allclose(got, want, atol=1e-3), (got, want)
+
+
+class GridEnergy(nn.Module):
+    """E(z) = -log m(cell of z) - ||z||^2 / 2 for a log mass m on the grid of exact_posterior_grid
+    (lim 4, n 300): then exp(-E(z)) N(z; 0, I) is m, up to the constant the metric must ignore."""
+
+    def __init__(self, log_mass, shift=0.0, lim=4.0, n=300):
+        super().__init__()
+        self.log_mass, self.shift, self.lim, self.n = log_mass, shift, lim, n
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z):
+        i, j = ((z + self.lim) / (2 * self.lim / self.n)).floor().long().clamp(0, self.n - 1).unbind(1)
+        return (-self.log_mass[i * self.n + j] - 0.5 * (z ** 2).sum(1) + self.shift)[:, None]
+
+
+@pytest.fixture(scope="module")
+def pinwheel_truth():
+    args = damc_prior.get_args([])
+    g = damc_prior.toy_generator()
+    info = damc_prior.exact_posterior_grid(g, LinearEnergy([0.0, 0.0]))
+    true_log_mass = damc_prior.true_grid_log_mass(args, info)
+    x = damc_prior.toy_batch(args, g, 200, "cpu", torch.Generator().manual_seed(2))[0]
+    z = damc_prior.toy_latent(args, 200, torch.Generator().manual_seed(3))
+    return args, g, true_log_mass, x, z, damc_prior.reference_log_px(info, true_log_mass, x, args.sigma)
+
+
+def test_true_pinwheel_mass_matches_a_histogram_of_its_samples(pinwheel_truth):
+    args, _, true_log_mass, _, _, _ = pinwheel_truth
+    z = damc_prior.toy_latent(args, 400000, torch.Generator().manual_seed(0))
+    cell = ((z + 4) / (8 / 300)).floor().long()
+    cell = cell[((cell >= 0) & (cell < 300)).all(1)]  # 4e-4 of the mass lies outside [-4, 4]^2
+    hist = torch.zeros(300, 300).index_put_((cell[:, 0], cell[:, 1]), torch.ones(len(cell)), accumulate=True)
+    # compared on 30 x 30 blocks of 10 x 10 cells: Monte-Carlo error about 1e-3 per block
+    blocks = lambda m: m.reshape(30, 10, 30, 10).sum((1, 3))
+    quad = blocks(true_log_mass.exp().reshape(300, 300).double())
+    assert abs(quad.sum().item() - 1) < 1e-6
+    assert (blocks(hist.double()) / len(z) - quad).abs().max() < 3e-3
+
+
+def test_log_px_gap_is_zero_at_the_true_prior_and_negative_for_standard_normal(pinwheel_truth):
+    args, g, true_log_mass, x, z, reference = pinwheel_truth
+    for shift in (0.0, 3.0):  # the energy's additive constant must not matter (normalised on the grid)
+        info = damc_prior.exact_posterior_grid(g, GridEnergy(true_log_mass, shift))
+        fit, draws = damc_prior.prior_fit_eval(info, reference, x, z, args.sigma)
+        assert abs(fit["log_px_gap"]) < 1e-5, fit  # a flipped sign of E in log p_alpha gives a large gap
+        assert fit["prior_mmd"] < 0.02 and draws.shape == z.shape
+    # E = 0: the learned prior is N(0, I), so its gap is log_px_gap_gaussian, about -0.75 nats
+    fit, _ = damc_prior.prior_fit_eval(damc_prior.exact_posterior_grid(g, LinearEnergy([0.0, 0.0])), reference,
+                                       x, z, args.sigma)
+    assert fit["log_px_gap"] == pytest.approx(fit["log_px_gap_gaussian"], abs=1e-5)
+    assert -1.2 < fit["log_px_gap_gaussian"] < -0.4 and fit["prior_mmd"] > 0.05
+
+
 # ---------------------------------------------------------------- the sampler q
 
 def test_cosine_logsnr_schedule_hits_its_clip_values():
@@ -329,7 +395,8 @@ def test_reconstruction_mse_matches_a_hand_computation():
 
 TINY_TOY = ["--steps", "4", "--batch-size", "16", "--q-width", "8", "--nxemb", "8", "--q-steps", "3",
             "--post-steps", "2", "--prior-steps", "2", "--eval-prior-steps", "2", "--eval-x", "3", "--eval-z", "8",
-            "--eval-every", "2", "--log-every", "1", "--slow-every", "1", "--lr-decay-every", "1"]
+            "--eval-every", "2", "--eval-prior-x", "8", "--log-every", "1", "--slow-every", "1",
+            "--lr-decay-every", "1"]
 
 
 def run(argv, capsys):
@@ -338,9 +405,9 @@ def run(argv, capsys):
 
 
 def losses(path):
-    # training losses only: the posterior distances are evaluated on a schedule of the run's own length
+    # training losses only: the posterior and prior distances are evaluated on a schedule of the run's own length
     return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "samples_per_s")
-             and not k.startswith("post_dist")} for line in open(path)]
+             and not k.startswith(("post_dist", "log_px_gap", "prior_mmd"))} for line in open(path)]
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +423,8 @@ def test_toy_smoke_files_and_eval_only(toy_run, capsys):
     for f in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "samples_2.png", "samples_4.png"):
         assert (out / f).exists(), f
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"post_dist_damc", "post_dist_langevin", "mmd"} <= set(metrics)
+    assert {"post_dist_damc", "post_dist_langevin", "mmd", "log_px_gap", "log_px_gap_gaussian",
+            "prior_mmd"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "post_dist_damc" in rows[1]

@@ -76,7 +76,7 @@ def test_paper_network_and_configuration(dataset, capsys, tmp_path):
     assert config["params"]["energy"] == pytest.approx(expect, rel=0.01)
     assert config["params"]["energy"] == expect
     paper = dict(preset="paper", net="resnet", ch=128, ch_mult=",".join(map(str, ch_mult)), num_blocks=blocks,
-                 sn=True, act="lrelu", T=6, n_steps=30, b_square=2e-4, step_floor=0.0, drift_cap=0.0, lr=1e-4,
+                 sn=True, T=6, n_steps=30, b_square=2e-4, step_floor=0.0, drift_cap=0.0, lr=1e-4,
                  beta1=beta1, warmup=1000, lr_decay="none", ema=0.999, batch_size=batch, flip=True,
                  sample_noise=0.99, fid_samples=50000, fid_split="train", amp="none", steps=1000)
     assert {k: config[k] for k in paper} == paper

@@ -399,14 +399,12 @@ def test_resnet_energy_shapes_and_gradient():
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("act", ["lrelu", "silu"])
-def test_resnet_activation_sets_curvature(act):
-    """With leaky-ReLU (authors' code) f is piecewise linear in y, so its Hessian is 0 almost
-    everywhere and grad f is piecewise constant; SiLU gives a smooth f with curvature, whose
-    Hessian-vector product (double backprop) must match finite differences of grad f."""
+def test_resnet_energy_is_piecewise_linear():
+    """With leaky-ReLU (authors' code) f is piecewise linear in y: its Hessian is 0 almost
+    everywhere (double backprop gives a zero Hessian-vector product), and grad f is piecewise
+    constant."""
     torch.manual_seed(0)
-    net = rl.make_model(rl.get_args(["--dataset", "fashion", "--net", "resnet", "--ch", "8", "--ch-mult", "1,2",
-                                     "--act", act]), 1)
+    net = rl.make_model(rl.get_args(["--dataset", "fashion", "--net", "resnet", "--ch", "8", "--ch-mult", "1,2"]), 1)
     net.eval()  # freeze the spectral-norm power iteration: f must be the same function at y and y + h v
     net.double()
     y, v = torch.randn(2, 1, 32, 32, dtype=torch.float64), torch.randn(2, 1, 32, 32, dtype=torch.float64)
@@ -414,15 +412,7 @@ def test_resnet_activation_sets_curvature(act):
     y.requires_grad_(True)
     grad = torch.autograd.grad(net(y, t).sum(), y, create_graph=True)[0]
     hvp = torch.autograd.grad((grad * v).sum(), y, allow_unused=True)[0]
-    hvp = torch.zeros_like(y) if hvp is None else hvp  # None: grad f does not depend on y at all
-    h = 1e-6
-    grad_h = torch.autograd.grad(net(y + h * v, t).sum(), y)[0]
-    fd = (grad_h - grad.detach()) / h
-    if act == "lrelu":
-        assert hvp.abs().max() == 0
-    else:
-        assert hvp.norm() > 1e-3 * grad.norm()
-        assert torch.allclose(hvp, fd, rtol=1e-4, atol=1e-6 * hvp.abs().max().item())
+    assert hvp is None or hvp.abs().max() == 0
 
 
 @pytest.mark.parametrize("level", [2, 5])
@@ -556,9 +546,10 @@ def test_long_run_stages_end_at_each_level_chain_end():
     torch.testing.assert_close(snaps[-1], x0)
 
 
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes(tmp_path, capsys):
     """Data-parallel training under torchrun (gloo on CPU): it trains, checkpoints both ranks'
-    random streams (which differ: each rank draws its own levels and noise) and evaluates."""
+    random streams (which differ: each rank draws its own levels and noise) and evaluates; the
+    checkpoint then resumes in one process (fewer ranks than wrote it)."""
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
                         "--steps", "2", "--out", "d", *TINY], cwd=tmp_path, capture_output=True, text=True,
@@ -569,6 +560,8 @@ def test_torchrun_two_processes(tmp_path):
     ranks = state["rng"]["ranks"]
     assert state["step"] == 2 and len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     assert "mmd" in json.loads((tmp_path / "d" / "metrics.json").read_text())
+    run(capsys, "--steps", "3", "--out", str(tmp_path / "d"), "--resume", *TINY)
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["step"] == 3
 
 
 @pytest.mark.parametrize("argv,words", [(["--b-square", "-1"], "--b-square"), (["--drift-cap", "-1"], "--drift-cap"),
