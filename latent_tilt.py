@@ -33,7 +33,7 @@ and GLOW's 28 x 28 samples padded the same way, so all FIDs share one reference.
 start-up. Toys: base_ / ebm_ hq_frac, modes, mmd + tilt.png (Figure 5.1); images: base_fid,
 ebm_fid (or fid for the pixel EBM), tilt.png and langevin_traj.png (Figure 5.3).
 
-Offline demo (25-Gaussians: 10000 VAE steps, then up to 1000 EBM steps; 36 s on 2 idle CPU cores):
+Offline demo (25-Gaussians: 10000 VAE steps, then up to 1000 EBM steps; 2 min 26 s on 2 CPU cores):
     python latent_tilt.py
   measured: hq_frac 0.507 -> 0.602, modes 25 -> 25, mmd 0.0057 -> 0.0059 (EBM of step 800 kept).
 Fashion-MNIST on a CPU budget (docs/latent_tilt.md: the budget and the FIDs it gave):

@@ -219,7 +219,8 @@ def test_ema_update_is_a_convex_combination():
 # Toys
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["8gaussians", "25gaussians", "swissroll", "rings", "checkerboard"])
+@pytest.mark.parametrize("name", ["8gaussians", "25gaussians", "swissroll", pytest.param("rings", marks=pytest.mark.slow),
+                                  "checkerboard"])
 def test_toy_log_prob_integrates_to_one_and_matches_samples(name):
     # lim = 2.75 holds every toy's mass to < 1e-6; the step 0.025 puts grid-cell edges on
     # the checkerboard's integer lines and is under 1.5 x the smallest noise std (0.0177),
