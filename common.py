@@ -1134,6 +1134,8 @@ def base_parser(description, dataset, steps, batch_size, fid_samples=1000, batch
                    help="print the resolved configuration and parameter counts as JSON, then exit")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help="bf16: autocast the networks' forward passes (Langevin and log-densities stay fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (off; first-order autograd only; a GPU option: docs/benchmark.md)")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines")
     p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
     return p
@@ -1239,6 +1241,15 @@ def autocast(amp, device):
     if amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def compile_nets(enabled, *nets):
+    """--compile: torch.compile each network in place (nn.Module.compile, so state_dict keys
+    stay). Only where autograd is first order: torch refuses a double backward through a
+    compiled graph (energy_vs_score's energy models)."""
+    if enabled:
+        for net in nets:
+            net.compile()
 
 
 def init_distributed():

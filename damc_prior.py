@@ -815,6 +815,7 @@ def main(argv=None):
     for m in model.values():
         m.to(device)
         common.broadcast_params(m)
+    common.compile_nets(args.compile, *model.values())
     opts = build_optimizers(model, args)
     batches = None if toy else common.Batches(data, args.batch_size // world, seed=args.seed, device=device,
                                                 workers=min(4, os.cpu_count() or 1))

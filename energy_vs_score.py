@@ -185,6 +185,9 @@ def check_args(args, toy):
         raise common.UserError(f"--diag-t takes comma-separated integers (got '{args.diag_t}')") from None
     if not all(1 <= t <= args.T for t in args.diag_t_list):
         raise common.UserError(f"--diag-t levels must lie in 1..{args.T}")
+    if args.compile and args.model in ("B", "C"):
+        raise common.UserError(f"--compile: model {args.model}'s loss is a double backward, which torch.compile "
+                               "does not support: drop --compile (with --model all it compiles A only)")
     if args.pad_to_32 and args.dataset not in ("mnist", "fashion"):
         raise common.UserError(f"--pad-to-32 is for the 28 px mnist/fashion, not {args.dataset}: drop it")
     if toy:
@@ -470,6 +473,7 @@ def place_models(nets, args, device):
         common.broadcast_params(net)
         models[name] = {"net": net, "ema": common.make_ema(net),
                         "opt": torch.optim.Adam(net.parameters(), lr=args.lr)}
+        common.compile_nets(args.compile and name == "A", net, models[name]["ema"])  # B, C: double backward
     return models
 
 

@@ -728,6 +728,7 @@ def main(argv=None):
     common.seed_everything(args.seed + rank)
     device = common.pick_device(args.device)
     model.to(device), ema.to(device)
+    common.compile_nets(args.compile, model, ema)
     out = common.prepare_out_dir(args, "recovery_likelihood")
     sch = make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap, args.step_floor)
     workers = max(1, min(4, (os.cpu_count() or 1) // world))  # image decoders for CelebA / LSUN (folders)

@@ -9,10 +9,15 @@
    seconds per training step and peak GPU memory in fp32 and with --amp bf16 (read from
    log.jsonl, after a warm-up interval), and the host syncs per training step, counted from
    torch.cuda.set_sync_debug_mode("warn") (common.pick_device turns it on under
-   EBM_SYNC_DEBUG=1; the count includes the log and checkpoint steps).
+   EBM_SYNC_DEBUG=1; the count includes the log and checkpoint steps), s/step with --compile
+   where the script allows it, and model FLOPs utilisation: the FLOPs of one training step
+   (torch.utils.flop_counter, counted as the difference between a 2-step and a 1-step run, so
+   start-up and evaluation cancel) over s/step, over the GPU's dense peak (PEAK_TFLOPS; fp32
+   without TF32, which common.pick_device turns off).
 The table goes to stdout and to gpu_check.json beside the current folder; paste it into
 docs/benchmark.md with the date and the GPU's name.
 """
+import importlib
 import json
 import os
 import subprocess
@@ -40,6 +45,47 @@ RUNS = {
     "damc_prior": ["--dataset", "cifar10", "--fid-samples", "0", "--recon-images", "16"],
     "latent_tilt vae": ["--dataset", "cifar10", "--stage", "base", "--base", "vae", "--fid-samples", "0"],
 }
+# The flags that count and space a run's training steps (latent_tilt's base stage has its own).
+STEP_FLAGS = {"latent_tilt": ("--base-steps", "--base-ckpt-every")}
+
+
+def step_flags(script, steps, log_every, ckpt_every):
+    """argv that runs `steps` training steps, logging every log_every and saving every ckpt_every."""
+    count, ckpt = STEP_FLAGS.get(script, ("--steps", "--ckpt-every"))
+    return [count, str(steps), "--log-every", str(log_every), ckpt, str(ckpt_every)]
+
+
+# Dense peak TFLOP/s (fp32 without TF32, bf16 tensor cores) from the vendors' data sheets, SXM parts.
+PEAK_TFLOPS = {"H200": (67.0, 989.0), "H100": (67.0, 989.0), "A100": (19.5, 312.0), "L4": (30.3, 121.0)}
+
+
+def peak_flops(name, amp):
+    """The dense peak FLOP/s of the GPU called `name` for fp32 (amp 'none') or bf16; None if unknown."""
+    for key, (fp32, bf16) in PEAK_TFLOPS.items():
+        if key in name:
+            return 1e12 * (fp32 if amp == "none" else bf16)
+    return None
+
+
+def flops_of_run(script, argv):
+    """FLOPs of script.main(argv), counted in this process by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    module = importlib.import_module(script)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module.main(argv)
+    return counter.get_total_flops()
+
+
+def flops_per_step(script, argv):
+    """FLOPs of one training step: a 2-step run minus a 1-step run of the same configuration,
+    so that start-up and evaluation cancel."""
+    runs = [flops_of_run(script, argv + step_flags(script, steps, 1000, 1000) + ["--out", tempfile.mkdtemp()])
+            for steps in (1, 2)]
+    return runs[1] - runs[0]
+
+
+NO_COMPILE = ("energy_vs_score B", "energy_vs_score C")  # their losses are double backward
 
 
 def device_tests():
@@ -79,11 +125,11 @@ def read_log(out):
     return last.get("seconds", float("nan")) / LOG_EVERY, last.get("max_mem_gb", float("nan"))
 
 
-def time_script(name, argv, data_dir, amp):
+def time_script(name, argv, data_dir, amp, compile=False):
     script = name.split()[0]
     out = Path(tempfile.mkdtemp(prefix=f"gpu_check_{script}_"))
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *argv, "--data-dir", str(data_dir), "--out", str(out / "run"),
-           "--steps", str(STEPS), "--log-every", str(LOG_EVERY), "--ckpt-every", str(10 * STEPS), "--amp", amp]
+           "--amp", amp, *step_flags(script, STEPS, LOG_EVERY, 10 * STEPS)] + (["--compile"] if compile else [])
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EBM_SYNC_DEBUG": "1", "CI": "1"},
                        timeout=240)
@@ -107,18 +153,27 @@ def main():
         results["device_tests"].append([test, passed, detail])
         print(f"  {'ok  ' if passed else 'FAIL'} {test:40s} {detail}")
     data_dir = write_fake(tempfile.mkdtemp(prefix="gpu_check_data_"), "cifar10", n_train=4000, n_test=100)
-    print("\n| script (paper preset, cifar10) | s/step fp32 | s/step bf16 | bf16 speed-up | GB fp32 | GB bf16 "
-          "| syncs/step fp32 |\n|---|---|---|---|---|---|---|")
+    print("\n| script (paper preset, cifar10) | s/step fp32 | s/step bf16 | bf16 speed-up | s/step fp32 compiled "
+          "| GB fp32 | GB bf16 | syncs/step fp32 | TFLOP/step | MFU fp32 | MFU bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for run, argv in RUNS.items():
+        script = run.split()[0]
         res = {amp: time_script(run, argv, data_dir, amp) for amp in ("none", "bf16")}
+        compiled = run not in NO_COMPILE
+        res["compile"] = time_script(run, argv, data_dir, "none", compile=True) if compiled else {}
         results["scripts"][run] = res
-        a, b = res["none"], res["bf16"]
-        if "error" in a or "error" in b:
+        a, b, c = res["none"], res["bf16"], res["compile"]
+        if "error" in a or "error" in b or "error" in c:
             ok = False
-            print(f"| {run} | error: {a.get('error') or b.get('error')} |")
+            print(f"| {run} | error: {a.get('error') or b.get('error') or c.get('error')} |")
             continue
+        flops = flops_per_step(script, argv + ["--data-dir", str(data_dir)])
+        res["flops_per_step"] = flops
+        mfu = {amp: flops / r["s_per_step"] / peak_flops(name, amp) if peak_flops(name, amp) else float("nan")
+               for amp, r in (("none", a), ("bf16", b))}
+        comp = f"{c['s_per_step']:.3f}" if c else "- (double backward)"
         print(f"| {run} | {a['s_per_step']:.3f} | {b['s_per_step']:.3f} | {a['s_per_step'] / b['s_per_step']:.2f} "
-              f"| {a['max_mem_gb']:.1f} | {b['max_mem_gb']:.1f} | {a['syncs_per_step']:.1f} |")
+              f"| {comp} | {a['max_mem_gb']:.1f} | {b['max_mem_gb']:.1f} | {a['syncs_per_step']:.1f} "
+              f"| {flops / 1e12:.2f} | {mfu['none']:.1%} | {mfu['bf16']:.1%} |")
     Path("gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0 if ok else 1
 

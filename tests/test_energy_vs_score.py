@@ -437,6 +437,8 @@ def test_draw_samples_shares_the_work_over_ranks(monkeypatch):
     (["--dataset", "fashion", "--preset", "paper", "--attn-res", "14"], "32, 16, 8, 4"),
     (["--dataset", "cifar10", "--pad-to-32"], "--pad-to-32"),
     (["--clip-x0"], "drop it"),
+    (["--model", "B", "--compile"], "double backward"),
+    (["--model", "C", "--compile"], "double backward"),
 ])
 def test_unrunnable_configurations_are_refused_at_start_up(argv, needle):
     with pytest.raises(common.UserError) as e:
