@@ -92,9 +92,9 @@ def build_parser():
     p.set_defaults(log_every=20, ckpt_every=None)
     p.add_argument("--stage", default="all", choices=["all", "base", "ebm", "pixel"],
                    help="all: base then latent EBM in one folder; base / ebm: one stage each; pixel: the EBM-on-data "
-                        "baseline. --steps counts EBM steps (default: 1000 for a VAE, 200 for GLOW / GLF "
-                        "as in the paper; toys 2000; pixel: 200, paper preset 20000, cifar10 100000). --ckpt-every (default a "
-                        "tenth of --steps) spaces the EBM stage's checkpoints and sample pictures")
+                        "baseline. --steps counts EBM steps (default: 1000 for a VAE, 200 for GLOW / GLF as in "
+                        "the paper; toys 2000; pixel: 200, paper preset 20000, cifar10 100000). --ckpt-every "
+                        "(default a tenth of --steps) spaces the EBM stage's checkpoints and sample pictures")
     p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"],
                    help="base generative model (--stage ebm: read from --base-ckpt)")
     p.add_argument("--base-ckpt", default=None,
