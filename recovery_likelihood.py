@@ -153,8 +153,8 @@ def get_args(argv=None):
     p.add_argument("--ais-steps", type=int, default=None,
                    help="AIS bridges (one MALA step each) per level (default 100 toys, 20 images)")
     p.add_argument("--long-run", type=int, default=0,
-                   help="after training / in --eval-only also run chains K times longer per level and "
-                        "save their stages and energies (paper: long-run chains stay realistic)")
+                   help="after training / in --eval-only also run chains K times longer per level: their "
+                        "stages, energies and samples' FID / MMD (*_long_run; paper: they stay realistic)")
     args = common.parse_args(p, PRESETS, argv)
     toy = args.dataset in common.TOYS
     if toy:
@@ -608,17 +608,17 @@ def bits_per_dim(f, x, sch, log_z, batch=100):
     return nats / (D * math.log(2))
 
 
-def draw_samples(f, n, shape, sch, args, device, chunk=100):
+def draw_samples(f, n, shape, sch, args, device, chunk=100, n_steps=None):
     """(R5) samples for the metrics, shared by the ranks under torchrun: each rank draws its share
     of n (common.rank_share) in chunks from its own random stream, and rank 0 collects them chunk
-    by chunk (common.gather_rows, a collective). Returns x [n, ...] on the CPU on rank 0, None on
-    the other ranks."""
+    by chunk (common.gather_rows, a collective). n_steps per level: --n-steps unless given (the
+    long-run chains). Returns x [n, ...] on the CPU on rank 0, None on the other ranks."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     mine, most = common.rank_share(n), -(-n // world)  # every rank calls gather_rows equally often
     parts = []
     for i in range(0, most, chunk):
         k = max(0, min(chunk, mine - i))
-        x = (progressive_sample(f, k, shape, sch, args.n_steps, args.sample_noise, device) if k
+        x = (progressive_sample(f, k, shape, sch, n_steps or args.n_steps, args.sample_noise, device) if k
              else torch.empty(0, *shape, device=device))
         x = common.gather_rows(x)
         if x is not None:
@@ -676,6 +676,19 @@ def evaluate_images(f, args, sch, device, test, x_gen):
         var = bpd.var().item() if len(bpd) > 1 else 0.0
         metrics["bpd_se"] = math.sqrt(var / len(bpd) + (log_z_se / (D * math.log(2))) ** 2)
     return metrics
+
+
+def evaluate_long_run(args, sch, device, x_long, toy):
+    """The long-run samples scored like the short-run ones: fid_long_run (images), mmd_long_run and
+    the mode numbers with the suffix _long_run (toys). The paper's claim: they stay realistic."""
+    if not toy:
+        return {"fid_long_run": common.fid_vs_data(x_long, args.dataset, args.data_dir, args.fid_split, device)}
+    data = common.toy_sample(args.dataset, args.eval_samples)
+    sigmabar0 = float(sch["sigmabar"][0])
+    metrics = {"mmd": common.mmd_rbf(x_long, data + sigmabar0 * torch.randn_like(data))}
+    if common.toy_modes(args.dataset) is not None:
+        metrics.update(common.mode_stats(x_long, args.dataset))
+    return {f"{k}_long_run": v for k, v in metrics.items()}
 
 
 def save_pictures(f, args, sch, device, out, name, shape, toy):
@@ -803,12 +816,18 @@ def main(argv=None):
     # every rank draws its share of the samples; rank 0 computes the metrics (same EMA weights everywhere)
     n = args.eval_samples if toy else (args.fid_samples or 64)
     x_gen = draw_samples(f_sample, n, shape, sch, args, device, chunk=n if toy else 100)
+    x_long = None
+    if args.long_run and (toy or args.fid_samples):  # as many samples from chains --long-run times longer
+        x_long = draw_samples(f_sample, n, shape, sch, args, device, chunk=n if toy else 100,
+                              n_steps=args.n_steps * args.long_run)
     if not common.is_main():
         return
     if toy:
         metrics = evaluate_toy(ema, args, sch, device, x_gen)
     else:
         metrics = evaluate_images(ema, args, sch, device, test, x_gen)
+    if x_long is not None:
+        metrics.update(evaluate_long_run(args, sch, device, x_long, toy))
     if args.eval_only:
         np.savez(out / "samples.npz", x=x_gen.numpy())
         save_pictures(f_sample, args, sch, device, out, f"samples_{step}.png", shape, toy)

@@ -130,6 +130,7 @@ def test_paper_structure_trains_and_evaluates(dataset, capsys, tmp_path, monkeyp
     argv = ["--dataset", dataset, "--data-dir", str(data), "--out", str(out), "--steps", "2", "--ch", "4",
             "--batch-size", "4", "--n-steps", "1", "--fid-samples", str(n), "--test-points", "4",
             "--ais-particles", "2", "--ais-steps", "1", "--log-every", "1", "--ckpt-every", "2"]
+    argv += ["--long-run", "2"] if dataset == "celeba" else []  # its samples' FID, fid_long_run
     code, stdout, err = run_main(argv, capsys)
     assert code == 0 and "Traceback" not in err, err
     assert stdout.strip().splitlines()[-1].startswith("metrics: ")
@@ -139,6 +140,7 @@ def test_paper_structure_trains_and_evaluates(dataset, capsys, tmp_path, monkeyp
         ("paper", ",".join(map(str, ch_mult)), blocks, "train", 6)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and metrics["fid"] > 0
+    assert ("fid_long_run" in metrics) == (dataset == "celeba")
     _, h, w = common.image_shape(dataset)
     assert (data / "fid_stats" / f"{dataset}_train_{h}x{w}_{n}.npz").exists()  # the reference: n training images
     assert (out / "samples_2.png").exists()

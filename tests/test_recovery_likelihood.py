@@ -501,6 +501,9 @@ def test_smoke_files_resume_and_eval_only(tmp_path, capsys, monkeypatch):
     assert (full / "long_run.png").exists() and (full / "long_run_energy.png").exists()
     energies = json.loads((full / "long_run.json").read_text())  # K * 2 = 10 steps at each of the 6 levels
     assert sorted(energies) == [f"level{t}" for t in range(6)] and all(len(e) == 10 for e in energies.values())
+    metrics = json.loads((full / "metrics.json").read_text())  # the long-run samples scored like the short-run
+    assert {"mmd_long_run", "hq_frac_long_run", "modes_long_run"} <= set(metrics)
+    assert abs(metrics["mmd_long_run"] - metrics["mmd"]) < 0.5 and 0 <= metrics["hq_frac_long_run"] <= 1
 
 
 FASHION = ["--dataset", "fashion"]
