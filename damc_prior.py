@@ -93,9 +93,9 @@ PRESETS = {
 # Per-kind defaults for flags left at None: the toy script's settings differ (NOTES.md).
 KIND_DEFAULTS = {
     "toy": {"sigma": 0.25, "post_steps": 50, "p_mask": 0.1, "slow_rate": 0.75, "q_wd": 1e-2,
-            "nxemb": 128, "q_width": 64, "q_lr": 1e-3, "flip": False},
+            "nxemb": 128, "q_width": 64, "q_lr": 1e-3, "e_lr": 1e-3, "prior_mala": True, "flip": False},
     "image": {"sigma": 0.1, "post_steps": 30, "p_mask": 0.2, "slow_rate": 0.005, "q_wd": 1e-4,
-              "nxemb": 256, "q_width": 128, "q_lr": 2e-4, "flip": True},
+              "nxemb": 256, "q_width": 128, "q_lr": 2e-4, "e_lr": 1e-4, "prior_mala": False, "flip": True},
 }
 # --sampler langevin on images: Pang et al.'s settings (their train_svhn.py), for every flag not given.
 LEBM = {"sigma": 0.3, "post_steps": 20, "post_step_size": 0.1, "prior_steps": 60, "prior_step_size": 0.4,
@@ -104,7 +104,8 @@ LEBM = {"sigma": 0.3, "post_steps": 20, "post_step_size": 0.1, "prior_steps": 60
 LEBM_PAPER_BATCH = 100
 # Flags that change the model or the objective: --resume / --eval-only refuse a different value.
 MUST_MATCH = ("dataset", "arms", "nz", "ngf", "ndf", "nxemb", "q_width", "logsnr_min", "logsnr_max", "sampler",
-              "sigma", "p_mask", "post_steps", "post_step_size", "prior_steps", "prior_step_size", "q_steps", "flip")
+              "sigma", "p_mask", "post_steps", "post_step_size", "prior_steps", "prior_step_size", "prior_mala", "q_steps",
+              "flip")
 
 
 def build_parser():
@@ -133,6 +134,8 @@ def build_parser():
     a("--post-step-size", type=float, default=0.1, help="posterior Langevin s (paper and LEBM: 0.1)")
     a("--prior-steps", type=int, default=60, help="prior Langevin steps in training (paper and LEBM: 60)")
     a("--prior-step-size", type=float, default=0.4, help="prior Langevin s in training (paper and LEBM: 0.4)")
+    a("--prior-mala", action=argparse.BooleanOptionalAction, default=None, help="Metropolis-adjusted prior "
+      "chains (MALA), in training and for the prior's samples (paper: off; default on for the toy, off for images)")
     a("--eval-prior-steps", type=int, default=100, help="prior Langevin steps for fid_ebm (paper: 100; LEBM 60)")
     a("--eval-prior-step-size", type=float, default=None, help="prior Langevin s for fid_ebm (default "
       "--prior-step-size; paper: 0.4, CIFAR-10 1.6; LEBM 0.4)")
@@ -150,7 +153,8 @@ def build_parser():
     a("--q-lr", type=float, default=None, help="AdamW lr of q (paper: 2e-4; toy default 1e-3 for a short run)")
     a("--q-wd", type=float, default=None, help="AdamW weight decay of q (paper: 1e-4 images, 1e-2 toy)")
     a("--g-lr", type=float, default=2e-4, help="Adam lr of g (paper: 2e-4; LEBM 1e-4)")
-    a("--e-lr", type=float, default=1e-4, help="Adam lr of the prior energy (paper: 1e-4; LEBM 2e-5)")
+    a("--e-lr", type=float, default=None, help="Adam lr of the prior energy (paper: 1e-4; LEBM 2e-5; "
+      "default 1e-4 images, 1e-3 toy)")
     a("--grad-clip", type=float, default=100.0, help="gradient-norm clip for q, g, E; 0: off (paper: 100; LEBM off)")
     a("--lr-decay", type=float, default=0.99, help="all lrs times this every --lr-decay-every steps "
       "(paper: 0.99; LEBM 0.998)")
@@ -504,9 +508,10 @@ def sample_posterior(z0, x, g, E, sigma, n_steps, s, noise=True, trace=False, am
                            noise_scale=1.0 if noise else 0.0, trace=trace)
 
 
-def sample_prior(z0, E, n_steps, s):
-    """Short-run prior Langevin on log p_alpha from z0 (U = E(z) + ||z||^2/2)."""
-    return common.langevin(lambda z: log_prior(z, E), z0, n_steps, s)
+def sample_prior(z0, E, n_steps, s, mala=False):
+    """Short-run prior Langevin on log p_alpha from z0 (U = E(z) + ||z||^2/2); mala: with the
+    Metropolis-Hastings correction, so that the chains keep p_alpha whatever the step."""
+    return common.langevin(lambda z: log_prior(z, E), z0, n_steps, s, mh=mala)
 
 
 def chain_start(x, model, args):
@@ -555,7 +560,7 @@ def damc_iteration(x, model, opts, args, step):
     # prior samples for delta_alpha: DAMC: short-run prior Langevin from [z0, N(0, I)] (2B chains,
     # authors); LEBM: B fresh chains from N(0, I) (Pang et al.)
     start = torch.cat([z0, torch.randn_like(z0)]) if args.sampler == "damc" else torch.randn_like(z0)
-    z_neg = sample_prior(start, E, args.prior_steps, args.prior_step_size)
+    z_neg = sample_prior(start, E, args.prior_steps, args.prior_step_size, args.prior_mala)
     # Amortizing MCMC (b) = Diffusion-based amortization: phi^(i+1) <- phi^(i) - eta grad DDPM loss,
     # i = 0..M-1, on (x, z_pos) with the condition dropped w.p. p_mask; phi_k^(0) <- phi_{k-1}^(M).
     loss_q = torch.zeros((), device=x.device)
@@ -723,7 +728,7 @@ def generate(model, args, n, device, batch=250):
         if q_trained(args):
             zq.append(q_sample(q, n=b, n_steps=args.q_steps, amp=args.amp))
         ze.append(sample_prior(torch.randn(b, args.nz, device=device), E, args.eval_prior_steps,
-                               args.eval_prior_step_size))
+                               args.eval_prior_step_size, args.prior_mala))
     ze = torch.cat(ze)
     with torch.no_grad():
         xe = torch.cat([generate_x(g, z, args.amp) for z in ze.split(batch)])
@@ -752,15 +757,18 @@ def image_eval(model, args, device):
                                                 args.fid_split, device)
     test = image_data(args, "test", collective=False) if args.recon_images > 0 else None
     if args.recon_images > 0:
-        errs = []
+        errs, starts = [], []
         for k in range(0, args.recon_images, 100):
             xb = common.to_float(test[k:min(k + 100, args.recon_images)]).to(device)
             if args.sampler == "damc":  # q(x) + recon_steps noise-free steps (authors)
                 z0, steps = q_sample(model["q"], x=xb, n_steps=args.q_steps, amp=args.amp), args.recon_steps
+                starts.append(recon_mse(xb, z0, model["g"], model["E"], args.sigma, 0, args.post_step_size, args.amp))
             else:  # LEBM's own inference: post_steps noise-free steps from N(0, I)
                 z0, steps = torch.randn(len(xb), args.nz, device=device), args.post_steps
             errs.append(recon_mse(xb, z0, model["g"], model["E"], args.sigma, steps, args.post_step_size, args.amp))
         metrics["mse_recon"] = torch.cat(errs).mean().item()
+        if starts:  # q's draw alone, before any posterior step: how much of the chain q amortises
+            metrics["mse_recon_start"] = torch.cat(starts).mean().item()
     arrays = {"x": xe.cpu().numpy(), "z": ze.cpu().numpy()}
     if xq is not None:
         arrays.update(x_q=xq.cpu().numpy(), z_q=zq.cpu().numpy())
@@ -885,7 +893,7 @@ def main(argv=None):
         dists, pooled = evaluate_toy(start if args.eval_only else args.steps)
         with torch.no_grad():
             z_ebm = sample_prior(torch.randn(1000, 2, device=device), model["E"], args.eval_prior_steps,
-                                 args.eval_prior_step_size)
+                                 args.eval_prior_step_size, args.prior_mala)
             x_model = model["g"](z_ebm) + args.sigma * torch.randn_like(z_ebm)
         x_data, _ = toy_batch(args, model["g"], 1000, device)
         metrics = {**dists, "mmd": common.mmd_rbf(x_model, x_data)}

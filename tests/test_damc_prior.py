@@ -67,6 +67,18 @@ def test_prior_chain_reaches_the_closed_form_prior_of_a_linear_energy():
     assert torch.allclose(torch.cov(z.T), torch.eye(2), atol=0.08)
 
 
+def test_mala_prior_chain_is_exact_at_a_step_where_plain_langevin_is_biased():
+    # N(-a, I) again, at s = 1.2: unadjusted Langevin's stationary variance is 1 / (1 - s^2 / 4) = 1.56
+    # per axis; --prior-mala's Metropolis correction keeps the prior's variance 1 and mean -a
+    torch.manual_seed(2)
+    start = torch.full((4000, 2), 3.0)
+    ula = damc_prior.sample_prior(start, LinearEnergy(A), n_steps=300, s=1.2)
+    mala = damc_prior.sample_prior(start, LinearEnergy(A), n_steps=300, s=1.2, mala=True)
+    assert torch.allclose(ula.var(0), torch.full((2,), 1 / (1 - 1.2 ** 2 / 4)), atol=0.12), ula.var(0)
+    assert torch.allclose(mala.mean(0), -torch.tensor(A), atol=0.06), mala.mean(0)
+    assert torch.allclose(torch.cov(mala.T), torch.eye(2), atol=0.1), torch.cov(mala.T)
+
+
 def test_exact_grid_reaches_the_prior_and_posterior_of_a_linear_energy():
     # g = identity, E = a . z: prior N(-a, I); posterior N((x - sigma^2 a) / (1 + sigma^2), sigma^2 / (1 + sigma^2) I)
     torch.manual_seed(0)
@@ -320,6 +332,13 @@ def test_lr_decay_schedule():
     assert opts["E"].param_groups[0]["lr"] == pytest.approx(1e-5)
 
 
+def test_toy_defaults_mala_prior_chains_and_a_faster_energy():
+    toy = damc_prior.get_args([])
+    assert (toy.prior_mala, toy.e_lr) == (True, 1e-3)
+    assert (small_args().prior_mala, small_args().e_lr) == (False, 1e-4)  # images: the paper's
+    assert damc_prior.get_args(["--no-prior-mala", "--e-lr", "1e-4"]).prior_mala is False
+
+
 def test_langevin_sampler_resolves_to_pang_et_al_and_explicit_flags_win():
     args = small_args(sampler="langevin")
     assert (args.sigma, args.post_steps, args.e_lr, args.g_lr, args.grad_clip, args.lr_decay) == \
@@ -480,7 +499,9 @@ def test_image_smoke_without_fid(tmp_path, capsys, sampler):
     assert run(argv, capsys).strip().splitlines()[-1].startswith("metrics: mse_recon=")
     for f in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "samples_2.png"):
         assert (out / f).exists(), f
-    assert 0 < json.loads((out / "metrics.json").read_text())["mse_recon"] < 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["mse_recon"] < 4
+    assert ("mse_recon_start" in metrics) == (sampler == "damc")  # q's draw alone: DAMC only
     if sampler == "langevin":  # q is not trained: no q rows, no fid_q / x_q
         assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss_q"] == 0
         return

@@ -58,7 +58,8 @@ def test_print_config_shows_the_papers_values_without_touching_data(dataset, tmp
                 "sigma": 0.1, "post_steps": 30, "post_step_size": 0.1, "prior_steps": 60, "prior_step_size": 0.4,
                 "eval_prior_steps": 100, "q_steps": 100, "q_updates": 6, "p_mask": 0.2, "slow_rate": 0.005,
                 "slow_every": 10, "q_lr": 2e-4, "g_lr": 2e-4, "e_lr": 1e-4, "q_wd": 1e-4, "grad_clip": 100.0,
-                "lr_decay": 0.99, "lr_decay_every": 1000, "lr_min": 1e-5, "flip": True, "amp": "none"}
+                "lr_decay": 0.99, "lr_decay_every": 1000, "lr_min": 1e-5, "flip": True, "prior_mala": False,
+                "amp": "none"}
     assert {k: config[k] for k in expected} == expected
     assert (config["batch_size"], config["fid_samples"], config["fid_split"]) == (128, 50000, "train")
     assert config["eval_prior_step_size"] == (1.6 if dataset == "cifar10" else 0.4)  # authors' README
@@ -130,7 +131,7 @@ def test_two_steps_and_evaluation_at_the_paper_structure(dataset, tmp_path, caps
     args = json.loads((out / "args.json").read_text())
     assert (args["preset"], args["fid_split"], args["flip"]) == ("paper", "train", True)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"fid_q", "fid_ebm", "mse_recon"} and all(math.isfinite(v) for v in metrics.values())
+    assert set(metrics) == {"fid_q", "fid_ebm", "mse_recon", "mse_recon_start"} and all(math.isfinite(v) for v in metrics.values())
     size = common.image_shape(dataset)[1]
     assert (data / "fid_stats" / f"{dataset}_train_{size}x{size}_8.npz").exists()  # against training images
 
