@@ -49,8 +49,8 @@ which is common.langevin's "s" convention. Langevin steps and log-densities run 
 --amp bf16 autocasts only the forward passes of g, q's networks and the x-encoder.
 
 Offline demo (toy; 8 min 41 s on 2 CPU cores):   python damc_prior.py
-    measured: post_dist_damc 0.040 vs. post_dist_langevin 0.096; log_px_gap -0.316 nats (N(0, I):
-    -0.746), prior_mmd 0.078 (docs/damc_prior.md).
+    measured: post_dist_damc 0.017 vs. post_dist_langevin 0.139; log_px_gap -0.080 nats (N(0, I):
+    -0.746), prior_mmd 0.020 (docs/damc_prior.md).
 Images (CPU-sized defaults):  python damc_prior.py --dataset fashion --steps 1000 --fid-samples 500
 Full reproduction (GPU):      python damc_prior.py --dataset cifar10       (--preset paper is the default)
                               torchrun --nproc_per_node=4 damc_prior.py --dataset svhn
