@@ -139,7 +139,7 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     info = {"log_p": torch.stack(log_ps) if log_ps else torch.empty(0),
             "grad_norm": torch.stack(grad_norms) if grad_norms else torch.empty(0)}
     if mh:
-        info["accept"] = torch.stack(accepted).mean().item() if accepted else 1.0  # once per chain
+        info["accept"] = torch.stack(accepted).mean() if accepted else torch.ones(())  # a tensor: no host sync
     if keep_every:
         info["traj"] = torch.stack(traj)
     return x, info

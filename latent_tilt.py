@@ -609,14 +609,15 @@ def latent_log_p(E, G, amp=contextlib.nullcontext):
     return log_p
 
 
-def sample_latent(E, G, z0, n_steps, eps, keep_every=0, amp=contextlib.nullcontext, mh=False):
+def sample_latent(E, G, z0, n_steps, eps, keep_every=0, amp=contextlib.nullcontext, mh=False, trace=False):
     """Eq. 8: z <- z - eps/2 grad_z [E(G(z)) - log p(z)] + sqrt(eps) w, short-run from z0;
-    mh: each move Metropolis-adjusted (MALA), so that sharp wells do not bias the chain."""
+    mh: each move Metropolis-adjusted (MALA), so that sharp wells do not bias the chain.
+    trace (or keep_every > 0): also common.langevin's trace dict."""
     return common.langevin(latent_log_p(E, G, amp), z0, n_steps, eps, convention="eps", mh=mh,
-                           trace=keep_every > 0, keep_every=keep_every)
+                           trace=trace or keep_every > 0, keep_every=keep_every)
 
 
-def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext):
+def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext, trace=False):
     """Du & Mordatch 2019: x <- clip(x - step grad E(x) + noise w), w ~ N(0, I), as
     common.langevin's s-convention: s^2 / 2 = step, noise_scale = noise / s."""
     s = math.sqrt(2 * args.pixel_step)
@@ -625,7 +626,7 @@ def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext):
         with amp():
             e = E(x)
         return -e.float()
-    return common.langevin(log_p, x0, n_steps, s, noise_scale=args.pixel_noise / s, clamp=(-1.0, 1.0))
+    return common.langevin(log_p, x0, n_steps, s, noise_scale=args.pixel_noise / s, clamp=(-1.0, 1.0), trace=trace)
 
 
 # ======================================================================================
@@ -678,8 +679,10 @@ def train_base(args, G, batches, state, out, device, stop, nz, amp):
     return True
 
 
-def ebm_update(E, x_data, x_model, alpha, opt, params, logger, step, args, knobs, amp):
-    """One Adam step on ebm_loss (latent and pixel EBM alike) and, at log steps, the log line."""
+def ebm_update(E, x_data, x_model, alpha, opt, params, logger, step, args, knobs, amp, chain):
+    """One Adam step on ebm_loss (latent and pixel EBM alike) and, at log steps, the log line
+    (with the Langevin gradient norm at the chains' last step and MALA's acceptance rate, from
+    common.langevin's trace dict `chain`)."""
     loss, e_data, e_model = ebm_loss(E, x_data, x_model, alpha, amp)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -688,7 +691,9 @@ def ebm_update(E, x_data, x_model, alpha, opt, params, logger, step, args, knobs
     logger.update()
     if step % args.log_every == 0 or step == args.steps:  # the only host sync of a step
         common.check_finite(step, knobs, loss=loss.item())
-        logger.log(step, args.batch_size, loss=loss.item(), e_data=e_data.mean().item(), e_sample=e_model.mean().item())
+        extra = {"accept": chain["accept"].item()} if "accept" in chain else {}
+        logger.log(step, args.batch_size, loss=loss.item(), e_data=e_data.mean().item(), e_sample=e_model.mean().item(),
+                   langevin_grad=chain["grad_norm"][-1].mean().item(), **extra)
 
 
 def share_from_main(value, device):
@@ -771,11 +776,11 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz, amp):
     while step < args.steps and not track["stopped"]:
         step += 1
         x = next_batch(args, batches, B, device)
-        z = sample_latent(E, G, torch.randn(B, nz, device=device), args.langevin_steps, args.eps, amp=amp,
-                         mh=args.mala)  # Eq. 8
+        z, chain = sample_latent(E, G, torch.randn(B, nz, device=device), args.langevin_steps, args.eps, amp=amp,
+                                 mh=args.mala, trace=True)  # Eq. 8
         with torch.no_grad(), amp():
             x_model = G(z).float()
-        ebm_update(E, x, x_model, args.alpha, opt, params, logger, step, args, "--lr, --eps", amp)  # Eq. 5 / 7
+        ebm_update(E, x, x_model, args.alpha, opt, params, logger, step, args, "--lr, --eps", amp, chain)  # Eq. 5 / 7
         if args.eval_every and step % args.eval_every == 0:
             check(step)
         stopping = stop.should_stop(step)  # every rank agrees (torchrun)
@@ -827,9 +832,9 @@ def train_pixel(args, E, batches, state, out, device, stop, shape, amp):
         idx = torch.randint(len(buffer), (B,), device=device)
         fresh = torch.rand(B, device=device) < args.reinit  # 5% restart from uniform noise
         x0 = torch.where(fresh[:, None, None, None], torch.rand_like(buffer[idx]) * 2 - 1, buffer[idx])
-        x_model = sample_pixels(E, x0, args, args.langevin_steps, amp)
+        x_model, chain = sample_pixels(E, x0, args, args.langevin_steps, amp, trace=True)
         buffer[idx] = x_model
-        ebm_update(E, x, x_model, args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step", amp)
+        ebm_update(E, x, x_model, args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step", amp, chain)
         stopping = stop.should_stop(step)  # every rank agrees (torchrun)
         if step % args.ckpt_every == 0 or step == args.steps or stopping:
             save(step)

@@ -381,6 +381,7 @@ def test_toy_smoke_resume_and_eval_only(tmp_path, capsys):
     full, half = rows("full"), rows("half")
     assert [r["step"] for r in half] == [1, 2, 3, 4]
     assert [r["loss"] for r in full] == [r["loss"] for r in half]
+    assert all(r["langevin_grad"] > 0 and 0 <= r["accept"] <= 1 for r in full)  # toys: MALA chains
     keys = ["base_hq_frac", "ebm_hq_frac", "base_modes", "ebm_modes", "base_mmd", "ebm_mmd"]
     check_files(tmp_path / "full", keys)
     assert (tmp_path / "full" / "tilt.png").exists()
@@ -426,6 +427,8 @@ def test_pixel_ebm_saves_and_resumes_buffer(tmp_path, fake_fashion):
     state2 = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=True)
     assert state2["step"] == 3
     check_files(tmp_path / "p", [])
+    log = [json.loads(r) for r in (tmp_path / "p" / "log.jsonl").read_text().splitlines()]
+    assert all(r["langevin_grad"] > 0 and "accept" not in r for r in log if "loss" in r)  # unadjusted chains
 
 
 def _two_ranks(rank, path, port):
