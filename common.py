@@ -1058,9 +1058,10 @@ def _pyplot():
     return plt
 
 
-def save_toy_panels(path, panels, lim=3.0, size=256):
+def save_toy_panels(path, panels, lim=3.0, size=256, axis="x"):
     """panels: list of (title, points [N, 2]) -> one PNG (rank 0 only): a log-density
-    histogram of each panel's points over [-lim, lim]^2, side by side, with axes."""
+    histogram of each panel's points over [-lim, lim]^2, side by side, with axes named
+    axis_1, axis_2 (e.g. "z" for a latent space)."""
     if not is_main():
         return
     plt = _pyplot()
@@ -1073,9 +1074,9 @@ def save_toy_panels(path, panels, lim=3.0, size=256):
         hist, _, _ = np.histogram2d(p[:, 0], p[:, 1], bins=128, range=[[-lim, lim], [-lim, lim]])
         ax.imshow(np.log1p(hist.T), origin="lower", extent=(-lim, lim, -lim, lim), cmap="Blues")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("$x_1$", fontsize=8)
+        ax.set_xlabel(f"${axis}_1$", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("$x_2$", fontsize=8)
+    axes[0][0].set_ylabel(f"${axis}_2$", fontsize=8)
     fig.savefig(path)
     plt.close(fig)
 

@@ -710,7 +710,7 @@ def toy_picture(path, z_true, z_ebm, pooled):
     """Panels: true latent, EBM prior (exact grid draws), exact posterior, DAMC q, short-run Langevin."""
     z_ex, z_q, z_ld = pooled
     common.save_toy_panels(path, [("true latent", z_true), ("EBM prior", z_ebm), ("exact posterior", z_ex),
-                                  ("DAMC q(z|x)", z_q), ("short-run LD", z_ld)], lim=4.0)
+                                  ("DAMC q(z|x)", z_q), ("short-run LD", z_ld)], lim=4.0, axis="z")
 
 
 def q_trained(args):
