@@ -36,7 +36,7 @@ SCRIPTS = {
         "tiny": ["--batch-size", "16", "--q-width", "16", "--nxemb", "16", "--q-steps", "4", "--post-steps", "3",
                  "--prior-steps", "3", "--eval-prior-steps", "3", "--eval-x", "3", "--eval-z", "16",
                  "--eval-every", "2", "--eval-prior-x", "16", "--slow-every", "1", "--lr-decay-every", "1"],
-        "arch": ["--q-width", "32"], "step": "--post-step-size", "nan": ["--prior-step-size", "1e12"]},
+        "arch": ["--q-width", "32"], "step": "--post-step-size", "nan": ["--prior-step-size", "1e12", "--no-prior-mala"]},
     "latent_tilt": {
         "tiny": ["--base-steps", "3", "--eval-every", "2", "--patience", "0", "--langevin-steps", "3", "--sample-steps", "3",
                  "--hidden", "16", "--stop-samples", "50", "--batch-size", "32"],

@@ -557,7 +557,9 @@ def test_torchrun_two_processes(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT,
                         "--steps", "2", "--out", "d", *TINY], cwd=tmp_path, capture_output=True, text=True,
                        env={**env, "CI": "1", "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # torch's rare gloo teardown abort after a finished run is not ours (as in test_common)
+    teardown = (tmp_path / "d" / "metrics.json").exists() and "terminate called without an active exception" in r.stderr
+    assert r.returncode == 0 or teardown, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1].startswith("metrics: ")
     state = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
     ranks = state["rng"]["ranks"]
