@@ -48,7 +48,7 @@ Langevin convention (poster, authors' code): with U = -log pi,
 which is common.langevin's "s" convention. Langevin steps and log-densities run in fp32;
 --amp bf16 autocasts only the forward passes of g, q's networks and the x-encoder.
 
-Offline demo (toy; 8 min 41 s on 2 CPU cores):   python damc_prior.py
+Offline demo (toy; 6 min 44 s on 2 CPU cores):   python damc_prior.py
     measured: post_dist_damc 0.017 vs. post_dist_langevin 0.139; log_px_gap -0.080 nats (N(0, I):
     -0.746), prior_mmd 0.020 (docs/damc_prior.md).
 Images (CPU-sized defaults):  python damc_prior.py --dataset fashion --steps 1500 --slow-rate 0.05 \
