@@ -53,7 +53,8 @@ Offline demo (toy; 6 min 44 s on 2 CPU cores):   python damc_prior.py
     -0.746), prior_mmd 0.020 (docs/damc_prior.md).
 Images (CPU-sized defaults):  python damc_prior.py --dataset fashion --steps 1500 --slow-rate 0.05 \
                                   --fid-samples 1000 --recon-images 1000
-    measured: fid_ebm 146.4, mse_recon 0.0552; short-run LEBM (--sampler langevin) 242.7, 0.0743.
+    measured: fid_ebm 146.4, mse_recon 0.0552; short-run LEBM (--sampler langevin) 242.7, 0.0743,
+    and at DAMC's wall-clock (--steps 3750) 163.8, 0.0614.
 Full reproduction (GPU):      python damc_prior.py --dataset cifar10       (--preset paper is the default)
                               torchrun --nproc_per_node=4 damc_prior.py --dataset svhn
     expect (paper table) SVHN MSE 0.002 / FID 21.17 (fid_ebm), 18.76 (fid_q); CIFAR-10 0.015 /
