@@ -9,7 +9,7 @@ samples from short-run, non-persistent Langevin chains in z started from p(z) (E
 
 Stages (--stage): all (default): base, then latent EBM, in one folder. base: trains
 --base vae (DCGAN VAE, latent 100, BCE / MSE; an MLP VAE on toys), glow (actnorm, 1x1 conv,
-affine coupling, squeeze, multi-scale split; test bits/dim) or glf (deterministic AE,
+affine coupling, squeeze, multi-scale split with a learned prior; test bits/dim) or glf (deterministic AE,
 latent 64, + 4 affine couplings of 256 units, trained jointly) into runs/latent_tilt-DATA-BASE.
 ebm: loads that frozen base (--base-ckpt; --base and its architecture flags are read from it
 before any other default is resolved) and trains the latent EBM. Early stop "when sample
@@ -102,9 +102,9 @@ def build_parser():
                         "checkpoint.pt, what --stage base writes); --base and its architecture flags are read from it "
                         "(--print-config without it: the flags as given)")
     p.add_argument("--base-steps", type=int, default=None,
-                   help="base steps (10000 toys, 2000 images; paper preset: 256 epochs = 120000, cifar10 100000; "
+                   help="base steps (10000 toys, 2000 images, GLOW 8000; paper preset: 256 epochs = 120000, cifar10 100000; "
                         "GLOW 128 epochs of 64 = 120000, cifar10 256 epochs = 200000)")
-    p.add_argument("--base-batch-size", type=int, default=None, help="base batch size (128; paper: 128, GLOW 64)")
+    p.add_argument("--base-batch-size", type=int, default=None, help="base batch size (128, GLOW 64, as in the paper)")
     p.add_argument("--base-lr", type=float, default=None, help="base Adam lr (1e-3, GLOW 5e-4, as in the paper)")
     p.add_argument("--base-ckpt-every", type=int, default=None,
                    help="base steps between the base's checkpoints and sample pictures (default: a tenth of "
@@ -117,8 +117,8 @@ def build_parser():
                    help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt: docs/latent_tilt.md)")
     p.add_argument("--recon-std", type=float, default=0.05, help="toys: std of the VAE's Gaussian decoder")
     p.add_argument("--glow-levels", type=int, default=2, help="GLOW levels (squeeze ... split); paper: 2, cifar10 3")
-    p.add_argument("--glow-depth", type=int, default=4, help="GLOW flow steps per level (paper: 16, cifar10 32)")
-    p.add_argument("--glow-hidden", type=int, default=32, help="GLOW coupling width (paper: 64, cifar10 256)")
+    p.add_argument("--glow-depth", type=int, default=8, help="GLOW flow steps per level (paper: 16, cifar10 32)")
+    p.add_argument("--glow-hidden", type=int, default=64, help="GLOW coupling width (paper: 64, cifar10 256)")
     p.add_argument("--glow-scale-floor", type=float, default=0.01, help="coupling scales >= this (Glow: 0; docs/latent_tilt.md)")
     p.add_argument("--flow-couplings", type=int, default=4, help="GLF latent flow couplings (paper: 4)")
     p.add_argument("--flow-hidden", type=int, default=256, help="GLF coupling hidden units (paper: 256)")
@@ -196,9 +196,11 @@ def resolve_defaults(args):
             args.steps = PAPER_PIXEL_STEPS.get(args.dataset, 200) if paper else 200
         else:
             args.steps = 2000 if toy else (1000 if args.base == "vae" else 200)
-    defaults = dict(batch_size=512 if toy else 32, base_steps=10000 if toy else 2000, base_batch_size=128,
+    glow = args.base == "glow"
+    defaults = dict(batch_size=512 if toy else 32, base_steps=10000 if toy else (8000 if glow else 2000),
+                    base_batch_size=64 if glow else 128,
                     nz=2 if toy else (64 if args.base == "glf" else 100), lr=3e-3 if toy else 1e-4,
-                    base_lr=5e-4 if args.base == "glow" else 1e-3,
+                    base_lr=5e-4 if glow else 1e-3,
                     langevin_steps=100 if toy else 20,
                     eval_every=250 if toy else 50, stop_samples=1000 if toy else 200, mala=toy)
     for key, value in defaults.items():
@@ -467,21 +469,31 @@ class AffineCoupling(nn.Module):
 
 class Glow(nn.Module):
     """Multi-scale Glow: per level squeeze, `depth` x (actnorm, 1x1 conv, affine coupling),
-    then (except at the last level) half the channels leave as latents. All latents are
-    N(0, I) (no learned split prior), concatenated into one flat z [B, C H W]."""
+    then (except at the last level) half the channels h_a leave as latents, whitened by Glow's
+    learned split prior: z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), [mu, tanh^-1 log_sigma] a
+    zero-initialised conv3x3 of the half h_b that stays (Glow's log-scale is unbounded; ours is
+    tanh-bounded, as GLF's, so that the inverse's gain stays <= e). So every latent is N(0, I),
+    concatenated into one flat z [B, C H W]."""
 
     def __init__(self, shape, levels, depth, hidden, floor=0.01):
         super().__init__()
         c, h, w = shape
-        self.levels, self.z_shapes = nn.ModuleList(), []
+        self.levels, self.priors, self.z_shapes = nn.ModuleList(), nn.ModuleList(), []
         for i in range(levels):
             c, h, w = 4 * c, h // 2, w // 2
             self.levels.append(nn.ModuleList([m for _ in range(depth)
                                               for m in (ActNorm(c), InvConv(c), AffineCoupling(c, hidden, floor))]))
             if i < levels - 1:
-                self.z_shapes.append((c // 2, h, w))
-                c -= c // 2
+                k = c // 2
+                self.priors.append(nn.Conv2d(c - k, 2 * k, 3, padding=1))
+                nn.init.zeros_(self.priors[-1].weight), nn.init.zeros_(self.priors[-1].bias)
+                self.z_shapes.append((k, h, w))
+                c -= k
         self.z_shapes.append((c, h, w))
+
+    def _split_prior(self, i, h_b):
+        mu, raw = self.priors[i](h_b).chunk(2, 1)
+        return mu, torch.tanh(raw)
 
     def encode(self, x):
         """x -> (z [B, D], log|det dz/dx| [B])."""
@@ -493,7 +505,9 @@ class Glow(nn.Module):
                 logdet = logdet + ld
             if i < len(self.levels) - 1:
                 k = self.z_shapes[i][0]
-                zs.append(h[:, :k])
+                mu, log_sigma = self._split_prior(i, h[:, k:])
+                zs.append((h[:, :k] - mu) * torch.exp(-log_sigma))
+                logdet = logdet - log_sigma.flatten(1).sum(1)
                 h = h[:, k:]
         zs.append(h)
         return torch.cat([z.flatten(1) for z in zs], 1), logdet
@@ -508,7 +522,8 @@ class Glow(nn.Module):
         h = parts[-1]
         for i in reversed(range(len(self.levels))):
             if i < len(self.levels) - 1:
-                h = torch.cat([parts[i], h], 1)
+                mu, log_sigma = self._split_prior(i, h)
+                h = torch.cat([parts[i] * torch.exp(log_sigma) + mu, h], 1)
             for layer in reversed(self.levels[i]):
                 h = layer.inverse(h)
             h = unsqueeze(h)

@@ -97,7 +97,8 @@ def dcgan_params(c, nz, enc_out, ngf=64):
 def glow_params(c, levels, depth, hidden):
     """Appendix B.1: `levels` blocks of `depth` flow steps (actnorm, invertible 1x1 conv, affine
     coupling), a squeeze before each block and half the channels split off after each but the
-    last. The paper's coupling net is a 3-layer Highway net of `hidden` channels; the script uses
+    last, with Glow's learned prior on them (a 3x3 conv from the other half to a mean and a log
+    scale). The paper's coupling net is a 3-layer Highway net of `hidden` channels; the script uses
     Glow's plain 3-layer net (3x3, 1x1, 3x3 convs) of the same width, counted here."""
     n = 0
     for i in range(levels):
@@ -106,6 +107,7 @@ def glow_params(c, levels, depth, hidden):
         step = 2 * c + c * c + conv(3, half, hidden) + conv(1, hidden, hidden) + conv(3, hidden, 2 * (c - half))
         n += depth * step
         if i < levels - 1:
+            n += conv(3, c - half, 2 * half)  # the split prior
             c -= c // 2
     return n
 
