@@ -404,48 +404,6 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def dcgan_generator(nz, out_ch=3, ngf=64, size=32, norm=False, act=None):
-    """DCGAN-style generator: z [B, nz] -> image [B, out_ch, size, size] in (-1, 1).
-
-    A 4x4 transposed conv from z, then stride-2 transposed convs halving the width each time
-    until `size`, tanh output. norm=True adds BatchNorm (Radford et al.); act defaults to
-    LeakyReLU(0.2).
-    """
-    n_up = int(math.log2(size // 4))
-    act = act or (lambda: nn.LeakyReLU(0.2))
-    width = [ngf * 2 ** (n_up - 1 - i) for i in range(n_up)]
-    layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width[0], 4, 1, 0)]
-    for i in range(n_up):
-        layers += [nn.BatchNorm2d(width[i])] if norm else []
-        layers.append(act())
-        cout = width[i + 1] if i + 1 < n_up else out_ch
-        layers.append(nn.ConvTranspose2d(width[i], cout, 4, 2, 1))
-    layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
-
-
-def dcgan_encoder(out_dim, in_ch=3, ndf=64, size=32, norm=None, act=None):
-    """DCGAN-style encoder: image [B, in_ch, size, size] -> [B, out_dim].
-
-    Stride-2 convs doubling the width down to 4x4, then a 4x4 conv to out_dim.
-    norm: None, "batch" or "instance"; act defaults to LeakyReLU(0.2).
-    """
-    n_down = int(math.log2(size // 4))
-    act = act or (lambda: nn.LeakyReLU(0.2))
-    layers, cin = [], in_ch
-    for i in range(n_down):
-        cout = ndf * 2 ** i
-        layers.append(nn.Conv2d(cin, cout, 4, 2, 1))
-        if norm == "batch" and i > 0:
-            layers.append(nn.BatchNorm2d(cout))
-        if norm == "instance" and i > 0:
-            layers.append(nn.InstanceNorm2d(cout, affine=True))
-        layers.append(act())
-        cin = cout
-    layers += [nn.Conv2d(cin, out_dim, 4, 1, 0), nn.Flatten()]
-    return nn.Sequential(*layers)
-
-
 # ======================================================================================
 # Data: 2-D toys
 # ======================================================================================
@@ -1011,16 +969,6 @@ def mmd_rbf(x, y, bandwidths=MMD_BANDWIDTHS):
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     return float((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
                  - 2 * kxy.mean())
-
-
-def log_z_grid(log_f, lim=4.0, n=400, batch=40000):
-    """log of the integral of exp(log_f) over [-lim, lim]^2 by the midpoint rule on an
-    n x n grid (2-D only). log_f: [M, 2] -> [M]."""
-    h = 2 * lim / n
-    g = -lim + h * (torch.arange(n, dtype=torch.float64) + 0.5)
-    pts = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
-    vals = torch.cat([log_f(p.float()).double() for p in pts.split(batch)])
-    return (torch.logsumexp(vals, 0) + 2 * math.log(h)).item()
 
 
 # ======================================================================================

@@ -279,6 +279,31 @@ def fid_view(x):
 # `amp` arguments are context factories: common.autocast for --amp, else no-ops. Networks run
 # inside them; what they return is cast back to fp32 before it enters a loss or a sampler.
 
+def dcgan_generator(nz, out_ch, ngf, size):
+    """DCGAN generator (Radford et al.), the paper's VAE / GLF decoder: z [B, nz] -> a 4x4
+    transposed conv, then BatchNorm - LeakyReLU(0.2) - stride-2 transposed conv halving the
+    width up to `size`, tanh: [B, out_ch, size, size] in (-1, 1)."""
+    n_up = int(math.log2(size // 4))
+    width = [ngf * 2 ** (n_up - 1 - i) for i in range(n_up)]
+    layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width[0], 4, 1, 0)]
+    for i in range(n_up):
+        cout = width[i + 1] if i + 1 < n_up else out_ch
+        layers += [nn.BatchNorm2d(width[i]), nn.LeakyReLU(0.2), nn.ConvTranspose2d(width[i], cout, 4, 2, 1)]
+    return nn.Sequential(*layers, nn.Tanh())
+
+
+def dcgan_encoder(out_dim, in_ch, ndf, size):
+    """DCGAN encoder, the paper's VAE / GLF encoder: stride-2 convs doubling the width down to
+    4x4 (BatchNorm after all but the first, LeakyReLU(0.2)), then a 4x4 conv: [B, out_dim]."""
+    n_down = int(math.log2(size // 4))
+    layers, cin = [], in_ch
+    for i in range(n_down):
+        cout = ndf * 2 ** i
+        layers += [nn.Conv2d(cin, cout, 4, 2, 1)] + ([nn.BatchNorm2d(cout)] if i > 0 else []) + [nn.LeakyReLU(0.2)]
+        cin = cout
+    return nn.Sequential(*layers, nn.Conv2d(cin, out_dim, 4, 1, 0), nn.Flatten())
+
+
 class VAE(nn.Module):
     """q(z|x) = N(mu, diag sigma^2) from `enc` ([B, 2 nz]); `dec`: z -> pre-activation a.
     recon: "bce" (x = 2 sigmoid(a) - 1), "mse" (x = tanh a), "gauss" (toys: x = a, std recon_std)."""
@@ -562,10 +587,10 @@ def build_base(args, in_ch):
             raise common.UserError(f"--glow-levels {args.glow_levels} squeezes {s} x {s} images to odd sizes: "
                                    f"use at most {int(math.log2(s & -s))}")
         return Glow((in_ch, s, s), args.glow_levels, args.glow_depth, args.glow_hidden, args.glow_scale_floor)
-    dec = common.dcgan_generator(args.nz, in_ch, args.ngf, s, norm=True)[:-1]  # pre-tanh: BCE from logits
+    dec = dcgan_generator(args.nz, in_ch, args.ngf, s)[:-1]  # pre-tanh: BCE from logits
     if args.base == "vae":
-        return VAE(common.dcgan_encoder(2 * args.nz, in_ch, args.ngf, s, norm="batch"), dec, recon)
-    return GLF(common.dcgan_encoder(args.nz, in_ch, args.ngf, s, norm="batch"), dec, recon, args.nz,
+        return VAE(dcgan_encoder(2 * args.nz, in_ch, args.ngf, s), dec, recon)
+    return GLF(dcgan_encoder(args.nz, in_ch, args.ngf, s), dec, recon, args.nz,
                args.flow_couplings, args.flow_hidden)
 
 

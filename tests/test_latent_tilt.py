@@ -470,3 +470,10 @@ def test_short_toy_run_raises_hq_frac(tmp_path):
     assert m["ebm_hq_frac"] > 3 * m["base_hq_frac"] and m["ebm_mmd"] < m["base_mmd"], m
     assert abs(m["ebm_hq_frac"] - m["ebm_hq_frac_exact"]) < 0.05, m
     assert m["ebm_modes"] >= m["base_modes"] and m["ebm_best_step"] == 300
+
+
+def test_dcgan_nets_shapes():
+    for size in (32, 64):
+        x = latent_tilt.dcgan_generator(10, 3, 16, size)(torch.randn(2, 10))
+        assert x.shape == (2, 3, size, size) and x.abs().max() <= 1
+        assert latent_tilt.dcgan_encoder(7, 3, 16, size)(x).shape == (2, 7)

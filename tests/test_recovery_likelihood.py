@@ -263,7 +263,7 @@ def test_ais_log_z_matches_quadrature(trained_toy):
     model, sch, _, _ = trained_toy
     torch.manual_seed(1)
     log_z, se, ess = rl.ais_log_z(model, 1000, (2,), sch, 50, "cpu")
-    exact = common.log_z_grid(lambda p: rl.log_g(model, p, 0, sch), lim=4.0, n=400)
+    exact = rl.log_z_grid(lambda p: rl.log_g(model, p, 0, sch), lim=4.0, n=400)
     assert abs(log_z - exact) < max(0.15, 5 * se), (log_z, exact, se, ess)
 
 
@@ -606,3 +606,8 @@ def test_runaway_check():
         rl.check_runaway(10, 15.1, 3 * 32 * 32)
     with pytest.raises(common.Diverged, match="> 5"):
         rl.check_runaway(10, 5.1, 2)
+
+
+def test_log_z_grid_of_a_gaussian():
+    log_f = lambda x: -0.5 * (x ** 2).sum(1) / 0.25  # unnormalised N(0, 0.25 I): Z = 2 pi 0.25
+    assert rl.log_z_grid(log_f, lim=4, n=200) == pytest.approx(math.log(2 * math.pi * 0.25), abs=1e-6)
