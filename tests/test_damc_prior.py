@@ -502,6 +502,11 @@ def test_image_smoke_without_fid(tmp_path, capsys, sampler):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["mse_recon"] < 4
     assert ("mse_recon_start" in metrics) == (sampler == "damc")  # q's draw alone: DAMC only
+    if sampler == "damc":  # with no refining step, mse_recon scores the very draw mse_recon_start scores
+        assert metrics["mse_recon"] != metrics["mse_recon_start"]  # 2 refining steps move z
+        run([*argv, "--eval-only", "--recon-steps", "0"], capsys)
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["mse_recon"] == pytest.approx(metrics["mse_recon_start"], rel=1e-6)
     if sampler == "langevin":  # q is not trained: no q rows, no fid_q / x_q
         assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["loss_q"] == 0
         return

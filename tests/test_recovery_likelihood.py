@@ -611,3 +611,18 @@ def test_runaway_check():
 def test_log_z_grid_of_a_gaussian():
     log_f = lambda x: -0.5 * (x ** 2).sum(1) / 0.25  # unnormalised N(0, 0.25 I): Z = 2 pi 0.25
     assert rl.log_z_grid(log_f, lim=4, n=200) == pytest.approx(math.log(2 * math.pi * 0.25), abs=1e-6)
+
+
+def test_long_run_metrics_score_the_long_run_samples():
+    """evaluate_long_run scores x_long against the data at level 0 (data + sigmabar_0 noise):
+    exact draws from it give MMD ~ 0 and every mode; points all on one wrong spot give a large
+    MMD, no high-quality sample and no mode."""
+    torch.manual_seed(0)
+    args = rl.get_args(["--dataset", "25gaussians", "--eval-samples", "2000"])
+    sch = rl.make_schedule(6, 3e-2, 0.3)
+    data = common.toy_sample("25gaussians", 2000)
+    good = rl.evaluate_long_run(args, sch, "cpu", data + float(sch["sigmabar"][0]) * torch.randn_like(data), True)
+    assert set(good) == {"mmd_long_run", "hq_frac_long_run", "modes_long_run"}
+    assert abs(good["mmd_long_run"]) < 0.005 and good["modes_long_run"] == 25 and good["hq_frac_long_run"] > 0.9
+    bad = rl.evaluate_long_run(args, sch, "cpu", torch.full((2000, 2), 3.0), True)
+    assert bad["mmd_long_run"] > 0.1 and bad["hq_frac_long_run"] == 0 and bad["modes_long_run"] == 0
