@@ -2,64 +2,37 @@
 https://arxiv.org/abs/2310.03218  (the text beside this repository is the poster; the details
 come from the authors' code, summarised in NOTES.md section 3)
 
-What is implemented
-- The latent-space EBM (LEBM, Pang et al. 2020): prior p_alpha(z) = exp(f_alpha(z)) N(0, I) / Z
-  with an MLP energy E = -f, generator x = g_beta(z) + N(0, sigma^2 I) (the authors' DCGAN-style
-  generators: top width 8 ngf; CIFAR-10 starts at 8 x 8 and ends in a 3 x 3 conv), learned with
-  the poster's "Background" gradients delta_alpha and delta_beta.
-- The DAMC sampler q_phi: the authors' conditional diffusion model over z (epsilon prediction,
-  cosine log-SNR schedule, Fourier features, a gated-linear MLP "U-Net" with skips, residual
-  output) conditioned on an x-encoding (conv net with InstanceNorm), whose unconditional branch
-  (condition dropped) samples the prior; 100-step ancestral sampling.
-- The DAMC iteration ("Amortizing MCMC" + "Diffusion-based amortization"): q's slow copy starts
-  the chains, short-run posterior / prior Langevin refines them, q is fitted M times to the
-  refined posterior samples, then g, then E are updated. Training images are flipped left-right
-  at random (authors).
-- `--sampler langevin`: the short-run LEBM baseline with Pang et al.'s own settings on images
-  (their train_svhn.py: sigma 0.3, 20 posterior steps at s = 0.1, 60 prior steps at s = 0.4 from
-  N(0, I), Adam lr 1e-4 (g) / 2e-5 (E), lr x 0.998 per epoch, batch 100 under --preset paper,
-  no gradient clipping, q not trained; fid_ebm uses the training prior chain as they do;
-  --steps stays the preset's). Explicit flags win. On the toy, q is still distilled (post_dist_damc exists) and only the
-  chains' start changes.
+Implemented (docs/damc_prior.md maps each part to the poster and lists every deviation):
+- The latent-space EBM (LEBM, Pang et al. 2020): prior p_alpha(z) = exp(f_alpha(z)) N(0, I) / Z,
+  an MLP energy E = -f, generator x = g_beta(z) + N(0, sigma^2 I) (the authors' DCGAN-style nets),
+  learned with the poster's "Background" gradients delta_alpha and delta_beta.
+- DAMC: q_phi, the authors' conditional diffusion model over z (conditioned on an x-encoding; its
+  unconditional branch samples the prior), starts the chains; short-run posterior / prior Langevin
+  refines them; q is fitted M times to the refined posterior samples, then g, then E are updated.
+- `--sampler langevin`: the short-run LEBM baseline with Pang et al.'s own image settings.
 - The poster's toy ("Amortizing long-run MCMC"): a 2-arm pinwheel latent through a fixed random
-  MLP generator (noise 0.25). Fixed: g and sigma (the true likelihood). Learned: the EBM prior E
-  and q. Over training, q's posterior samples and short-run Langevin's (50 steps from N(0, I))
-  are compared with the exact posterior of the *current* model, computed on a grid.
-
-Evaluation (images; --preset paper follows the authors' train_gen_recon.py / eval_gen_recon.py)
-- fid_q (q's prior branch -> g) and fid_ebm (EBM-prior Langevin from N(0, I) -> g: 100 steps at
-  s = 0.4, at CIFAR-10 s = 1.6 as the authors' README evaluates) on --fid-samples 50,000 against
-  the first 50,000 TRAINING images (--fid-split train; the authors do so for SVHN and CelebA
-  too). mse_recon: q(x) + 10 noise-free posterior steps, per-pixel mean of (g(z) - x)^2 in
-  [-1, 1], over the whole test set (--recon-images).
-- The checkpoint scored is the LAST one. The authors compute FID during training and keep the
-  checkpoint with the best fid_q on the same training images it is then scored on; that
-  selection is not done here.
-- Checked at start-up, in one line, before data loading and training: the reference split holds
-  --fid-samples images (common.check_fid_protocol) and the test split --recon-images.
-- Under torchrun every rank draws its share of the FID samples; rank 0 scores them.
-- Toy: post_dist_damc, post_dist_langevin (mean over observations x of the RBF-MMD^2 to the
-  exact posterior), mmd; the learned prior against the true latent, exact on the grid:
-  log_px_gap (mean log p(x) of held-out x, learned prior minus true prior, nats; 0 is perfect),
-  log_px_gap_gaussian (the same for N(0, I)), prior_mmd (MMD^2, exact prior draws vs. true latents).
+  MLP generator; q's and short-run Langevin's posterior samples against the exact posterior of
+  the current model on a grid.
+Evaluation (images; --preset paper follows the authors' eval_gen_recon.py): fid_q (q's prior
+branch -> g) and fid_ebm (prior Langevin from N(0, I) -> g) on 50,000 samples against the training
+split; mse_recon (q(x) + 10 noise-free posterior steps, per-pixel MSE in [-1, 1] over the test
+set), mse_recon_start (q(x) alone). Toy: post_dist_damc, post_dist_langevin (MMD^2 to the exact
+posterior), log_px_gap (held-out log p(x), learned minus true prior), prior_mmd.
 
 Langevin convention (poster, authors' code): with U = -log pi,
     z <- z - s^2/2 grad U(z) + s w = z + s^2/2 grad log pi(z) + s w,  w ~ N(0, I)
-which is common.langevin's "s" convention. Langevin steps and log-densities run in fp32;
---amp bf16 autocasts only the forward passes of g, q's networks and the x-encoder.
+which is common.langevin's "s" convention; Langevin steps and log-densities run in fp32.
 
 Offline demo (toy; 6 min 44 s on 2 CPU cores):   python damc_prior.py
-    measured: post_dist_damc 0.017 vs. post_dist_langevin 0.139; log_px_gap -0.080 nats (N(0, I):
-    -0.746), prior_mmd 0.020 (docs/damc_prior.md).
-Images (CPU-sized defaults):  python damc_prior.py --dataset fashion --steps 1500 --slow-rate 0.05 \
-                                  --fid-samples 1000 --recon-images 1000
-    measured: fid_ebm 146.4, mse_recon 0.0552; short-run LEBM (--sampler langevin) 242.7, 0.0743,
-    and at DAMC's wall-clock (--steps 3750) 163.8, 0.0614.
-Full reproduction (GPU):      python damc_prior.py --dataset cifar10       (--preset paper is the default)
-                              torchrun --nproc_per_node=4 damc_prior.py --dataset svhn
-    expect (paper table) SVHN MSE 0.002 / FID 21.17 (fid_ebm), 18.76 (fid_q); CIFAR-10 0.015 /
-    60.89, 57.72; CelebA 0.005 / 35.67, 30.83.
-Short-run LEBM baseline:      add --sampler langevin (Pang et al.: SVHN 0.008 / 29.44, CIFAR-10 0.020 / 70.15)
+    post_dist_damc 0.017 vs. post_dist_langevin 0.139; log_px_gap -0.080 nats (N(0, I): -0.746)
+Images:  python damc_prior.py --dataset fashion --steps 1500 --slow-rate 0.05 --fid-samples 1000 \
+             --recon-images 1000
+    fid_ebm 146.4, mse_recon 0.0552; LEBM (--sampler langevin) 242.7, 0.0743; at DAMC's wall-clock
+    (--steps 3750) 163.8, 0.0614.
+Full reproduction (GPU):  python damc_prior.py --dataset cifar10       (--preset paper is the default)
+                          torchrun --nproc_per_node=4 damc_prior.py --dataset svhn
+    paper: SVHN MSE 0.002 / FID 21.17 (fid_ebm), 18.76 (fid_q); CIFAR-10 0.015 / 60.89, 57.72;
+    CelebA 0.005 / 35.67, 30.83. LEBM (add --sampler langevin): SVHN 0.008 / 29.44, CIFAR-10 0.020 / 70.15
 """
 import argparse
 import math

@@ -17,21 +17,12 @@ asymmetry ||J - J^T||_F / ||J||_F of the Jacobian of eps_hat by random projectio
 circulation of eps_hat around small loops, per noise level t. `--model all` trains A, B
 and C on the same batches, noise and budget and prints the comparison table (Table 1).
 
-Sampling is DDPM ancestral sampling (Eq. 3), not Langevin dynamics; for reference the
-project's Langevin convention is x <- x + (s^2/2) grad log p(x) + s * noise; Eq. 3 is
-x <- (x + beta_t * score) / sqrt(alpha_t) + sqrt(beta_t) * noise with score =
--eps_hat / sigma_t, which resembles (the paper's word) such a step with s^2 = 2 beta_t.
-For images the predicted x_0 is clipped to [-1, 1] in each step (`--clip-x0`, DDPM's
-sampler, the one behind its FID numbers); the mean is then the posterior mean of
-q(x_{t-1} | x_t, x_0) at the clipped x_0, which equals Eq. 3's mean when nothing is clipped.
-
-Evaluation protocol under --preset paper (checked at start-up): FID of 50,000 samples
-(1000 ancestral steps, EMA weights, x_0 clipped) against the 50,000 CIFAR-10 TRAINING
-images (--fid-split train), DDPM's protocol, which the paper follows; IS on the same
-samples when torch-fidelity's weights can be had. Not in the paper: mnist / fashion
-(padded to 32 px, so the 4-level U-Net and attention at 16 px are CIFAR-10's) and celeba
-(64 px, ch_mult 1,2,2,2,4) presets, `--preset paper` asked for explicitly, with the same
-protocol against their training splits (60,000 and 162,770 images).
+Sampling is DDPM ancestral sampling (Eq. 3), not Langevin dynamics: x <- (x + beta_t score) /
+sqrt(alpha_t) + sqrt(beta_t) noise, score = -eps_hat / sigma_t (a Langevin step with s^2 = 2 beta_t,
+the paper's word "resembles"); on images x_0 is clipped to [-1, 1] in each step (--clip-x0, DDPM's).
+--preset paper (CIFAR-10's default): DDPM's protocol, FID of 50,000 samples (1000 steps, EMA, x_0
+clipped) against the 50,000 training images, IS where torch-fidelity's weights exist; mnist,
+fashion and celeba have the same preset (not in the paper). docs/energy_vs_score.md has the rest.
 
 Offline demo (8gaussians; 3000 steps of each model, then 2000 samples per model with a
 200-step strided sampler; docs/energy_vs_score.md gives measured numbers and times):

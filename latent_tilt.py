@@ -7,33 +7,23 @@ A frozen generator x = G(z), z ~ p(z) = N(0, I), is tilted by an energy on what 
 p(z) ∝ p(z) exp(-E(G(z))) (Eq. 6). E is learned by maximum likelihood (Eq. 5, 7) with model
 samples from short-run, non-persistent Langevin chains in z started from p(z) (Eq. 8).
 
-Stages (--stage): all (default): base, then latent EBM, in one folder. base: trains
---base vae (DCGAN VAE, latent 100, BCE / MSE; an MLP VAE on toys), glow (actnorm, 1x1 conv,
-affine coupling, squeeze, multi-scale split with a learned prior; test bits/dim) or glf (deterministic AE,
-latent 64, + 4 affine couplings of 256 units, trained jointly) into runs/latent_tilt-DATA-BASE.
-ebm: loads that frozen base (--base-ckpt; --base and its architecture flags are read from it
-before any other default is resolved) and trains the latent EBM. Early stop "when sample
-quality deteriorates" (Section 5.3), made explicit: every --eval-every steps a fixed set of
-EBM samples is scored (toys: their mean negative log-density under the data, which sees the
-bridges between modes; images: FID vs. the training split, on rank 0, which tells the others),
-the best EBM is kept, and training stops after --patience scores without improvement. pixel:
-the "EBM on data" baseline (Table 1) with the replay buffer of Du & Mordatch 2019 (10000
-images, 5% noise restarts, step 10 / noise 0.005), saved with every rank's share.
+Stages (--stage): all (default): base, then latent EBM, in one folder. base: trains --base vae
+(DCGAN VAE; an MLP VAE on toys), glow (actnorm, 1x1 conv, affine coupling, multi-scale split with a
+learned prior; test bits/dim) or glf (deterministic AE + 4 affine couplings, trained jointly). ebm:
+loads that frozen base (--base-ckpt; its architecture flags come with it) and trains the latent EBM,
+keeping the best of the scores taken every --eval-every steps ("early stop when sample quality
+deteriorates", Section 5.3; toys: the samples' negative log-density under the data, images: FID).
+pixel: the "EBM on data" baseline (Table 1) with Du & Mordatch's replay buffer.
 
 Langevin convention: the paper's z <- z - eps/2 grad U(z) + sqrt(eps) w (common.langevin,
-convention="eps"), eps = 0.01, U(z) = E(G(z)) + |z|^2 / 2; 60 steps in training (toys: 100,
-Metropolis-adjusted: --mala), 100 when sampling. --amp bf16 autocasts E and the VAE / GLF
-encoder and decoder; GLOW (its loss is a log-density through every layer), GLF's latent flow,
-the Langevin updates and every log-density stay fp32.
+convention="eps"), eps = 0.01, U(z) = E(G(z)) + |z|^2 / 2; 60 steps in training (paper preset; small
+images 20; toys 100, Metropolis-adjusted: --mala), 100 when sampling. GLOW, GLF's flow, Langevin and
+every log-density run in fp32 whatever --amp says.
 
-Evaluation protocol (Table 1; the same for every base and the pixel EBM): FID of
---fid-samples generated images (paper: 10,000) against as many images of the --fid-split
-split (paper: test), at 32 x 32: mnist / fashion images padded with 2 black pixels per side,
-and GLOW's 28 x 28 samples padded the same way, so all FIDs share one reference. Checked at
-start-up. Toys: base_ / ebm_ hq_frac, modes, mmd, the same as ebm_*_exact for exact draws of
-the learned tilt from a grid over the 2-D latent (the energy without the sampler), and
-tilt.png (Figure 5.1); images: base_fid,
-ebm_fid (or fid for the pixel EBM), tilt.png and langevin_traj.png (Figure 5.3).
+Evaluation (Table 1; one protocol for every base and the pixel EBM): FID of --fid-samples images
+(paper: 10,000) against the --fid-split split (paper: test) at 32 x 32 (28 x 28 data padded), checked
+at start-up: base_fid, ebm_fid (fid for the pixel EBM), tilt.png, langevin_traj.png (Figure 5.3).
+Toys: base_ / ebm_ hq_frac, modes, mmd, and ebm_*_exact for exact grid draws of the learned tilt.
 
 Offline demo (25-Gaussians: 10000 VAE steps, then up to 2000 EBM steps; 7 min 0 s on 2 CPU cores):
     python latent_tilt.py

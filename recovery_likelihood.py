@@ -1,68 +1,35 @@
 """Learning Energy-Based Models by Diffusion Recovery Likelihood
 (Gao, Song, Poole, Wu & Kingma, ICLR 2021)  https://arxiv.org/abs/2012.08125
 
-Implemented: the whole method of the paper. A sequence of EBMs p(y_t) ~ exp(f(y_t, t) / s_t^2)
-on increasingly noisy data (T coarse levels of DDPM's linear schedule, authors' code), each
-trained by recovery likelihood with a K-step Langevin chain on its conditional; the top level
-is a plain marginal EBM; the progressive sampler from N(0, I) down the levels; long-run chains
-(--long-run); the normalised density of level 0 by annealed importance sampling (AIS) down the
-learned levels, starting at N(0, I) whose normaliser is known; FID on images; MMD and exact
-(quadrature) likelihood checks on 2-D toys. Energy networks: the authors' ResNet
-(common.EnergyResNet, spectral norm, time embedding; --net resnet, --preset paper) or, the
-small preset's image default, ours: f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U
-(--net unet, which on Fashion-MNIST at 1000 CPU steps draws items where the small ResNet draws
-blobs); an MLP with the ResNet's level conditioning for toys. The paper text we have is partial,
-so equations are labelled here:
+EBMs p(y_t) ~ exp(f(y_t, t) / s_t^2) on T noise levels (the authors' grouping of DDPM's schedule),
+each trained by recovery likelihood with a K-step Langevin chain on its conditional; the progressive
+sampler; long-run chains (--long-run); level 0's normalised density by AIS (bits/dim on images; NLL
+against quadrature on 2-D toys); FID. Networks: the authors' ResNet (--net resnet, the paper preset),
+our small U-Net energy -||y - U(y, t)||^2 / (2 v_t) (--net unet, the small image preset), an MLP on
+toys. The paper text we have is partial, so the equations are labelled here (R1-R7):
 
-  (R1) forward pairs   x_t = abar_t x + sigmabar_t e,   x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
-                       (at the top, x_T = a_T x_{T-1} + sigma_T e', nearly N(0, I): a_T ~ 0.023 at T = 6)
-  (R2) recovery model  p(y_t | x_{t+1}) ~ exp( f(y_t, t) / s_t^2 - ||y_t - x_{t+1}||^2 / (2 sigma_{t+1}^2) ),
-                       y_t = a_{t+1} x_t  (top level t = T-1: y = x_{T-1} and no Gaussian term)
-  (R3) step size       s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2, here also capped at
-                       s_t <= cap * sigma_{t+1} (needed in 2-D, NOTES.md), and on images floored at
-                       s_t >= floor * sigma_{t+1} for t >= 1 (ours, --step-floor: with the rule's steps
-                       30 steps of even the exact chain cover under half of p(y_t | x_{t+1}); docs/recovery_likelihood.md):
-                       K = 15 steps at 0.42 sigma_{t+1} (--net unet), 30 at 0.3 (--net resnet)
-  (R3') drift cap      ours, --net resnet: each step's drift (s_t^2/2) grad log p has norm <= c sigma_{t+1} sqrt(D),
-                       c = 0.1 (--drift-cap), ~3x a healthy chain's; it bounds the level-0 runaway (docs/recovery_likelihood.md)
-  (R4) loss            L = -E[ f(y+, t) - f(y-, t) ] * sigma_1 / sigma_{t+1}   (authors' code), y- from (R2)
-                       started at x_{t+1}
-  (R5) sampler         x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
-  (R6) log Z by AIS    log Z_0 = log Z_T + log mean_i exp(log w_i),
-                       log w_i = sum_{t=T-1..0} sum_{j=1..J} (1/J) [log g_t(x_ij) - log g_{t+1}(x_ij)],
-       with g_t(x) = exp(f(a_{t+1} x, t) / s_t^2) the level-t model of x_t, g_T = N(0, I) (Z_T = 1),
-       and x_ij moved by one MALA step targeting the bridge g_{t+1}^{1-j/J} g_t^{j/J} after each term.
-       Standard error (delta method): se(log Z) = std(w) / (sqrt(N) mean(w)). Toys: test NLL =
-       mean [-log g_0(x_0)] + log Z_0 nats, x_0 = data + sigmabar_0 noise (a density of level 0).
-  (R7) bits/dim        level 0 models x_0 = abar_0 x + sigmabar_0 e of an 8-bit image x; with the decoder
-                       P(x | x_0) ~ q(x_0 | x) = N(abar_0 x, sigmabar_0^2 I) over the pixel lattice,
-                       -log P(x) <= E_e[ -log g_0(x_0) ] + log Z_0 + D log(127.5 / abar_0)   (bits_per_dim)
+  (R1) x_t = abar_t x + sigmabar_t e,   x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
+  (R2) p(y_t | x_{t+1}) ~ exp( f(y_t, t) / s_t^2 - ||y_t - x_{t+1}||^2 / (2 sigma_{t+1}^2) ),  y_t = a_{t+1} x_t
+       (top level t = T-1: y = x_{T-1}, no Gaussian term)
+  (R3) s_t^2 = (sigmabar_t / sigmabar_0) b^2 sigma_{t+1}^2; ours: capped at cap * sigma_{t+1} (toys),
+       floored at floor * sigma_{t+1} for t >= 1 (small image presets, --step-floor)
+  (R3') ours, small --net resnet: each step's drift norm <= c sigma_{t+1} sqrt(D) (--drift-cap)
+  (R4) L = -E[ f(y+, t) - f(y-, t) ] sigma_1 / sigma_{t+1} (authors' code), y- from (R2) started at x_{t+1}
+  (R5) x_T ~ N(0, I); for t = T-1..0: y_t = Langevin on (R2) from x_{t+1}; x_t = y_t / a_{t+1}
+  (R6) log Z_0 = log Z_T + log mean_i exp(sum_t sum_j (1/J) [log g_t(x_ij) - log g_{t+1}(x_ij)]),
+       g_t(x) = exp(f(a_{t+1} x, t) / s_t^2), g_T = N(0, I); x_ij moved by MALA on g_{t+1}^{1-j/J} g_t^{j/J}
+  (R7) -log P(x) <= E_e[ -log g_0(x_0) ] + log Z_0 + D log(127.5 / abar_0)   (8-bit x; bits_per_dim)
 
 Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise.
-
-Presets. --preset paper (the default for cifar10, celeba, lsun_church, lsun_bedroom) is the authors'
-configuration (NOTES.md 1 and their README's commands): the ResNet with ch 128, spectral norm and
-leaky-ReLU; ch_mult (1,2,2,2) and 8 blocks (CIFAR-10), (1,2,2,2,4) and 6 (CelebA), (1,2,2,2,4,4) and
-2 (LSUN church) or 5 (LSUN bedroom); K = 30, b^2 = 2e-4, no step floor or drift cap; Adam lr 1e-4,
-beta1 0.9 (0.5 CelebA, LSUN), warm-up 1000, constant lr; EMA 0.999; batch 256 / 128 / 64. CelebA is
-64 x 64 here, as in the paper's figures (the authors' code's `celeba` is 32 x 32), with the
-multipliers their code uses at 64 px. --preset small (every other data set) is the CPU-sized one.
-Evaluation protocol under --preset paper, checked at start-up (common.check_fid_protocol): FID of
-50,000 progressive samples drawn with Langevin noise 0.99 (--sample-noise) against the statistics of
-the TRAINING split (--fid-split train; the authors' code scores against the training set's
-statistics, CIFAR-10 with as many samples as training images). Under torchrun every rank draws its
-share of the samples. --amp bf16 autocasts the network's forward passes only; f / s_t^2, the
-Langevin and AIS arithmetic and the log-densities stay fp32.
+--preset paper (default for cifar10, celeba, lsun_*): the authors' configuration and protocol (FID of
+50,000 samples, Langevin noise 0.99, against the training split); docs/recovery_likelihood.md lists it
+with every deviation. --preset small: CPU-sized, every other data set.
 
 Demo (offline; 4 min 20 s on 2 CPU cores):
-    python recovery_likelihood.py            # 8 Gaussians; prints mmd, nll, nll_exact, nll_true
-  measured: mmd 5.9e-4, nll 0.944 (AIS) vs. nll_exact 0.949 (quadrature), nll_true 0.356; of the
-  0.59-nat gap, 0.53 is the relative weights of the modes (kl_mode_weights), 0.06 within the modes.
-    python recovery_likelihood.py --dataset fashion --steps 1000   # small U-Net energy, ~1 hour on 2 cores
-  expect FID ~115 (500 samples against the test split) and recognisable items (docs/recovery_likelihood.md,
-  Fashion-MNIST; --net resnet: blobs, ~170)
+    python recovery_likelihood.py            # 8 Gaussians: mmd 5.9e-4, nll 0.944 (AIS), nll_exact 0.949
+    python recovery_likelihood.py --dataset fashion --steps 1000   # U-Net energy, ~1 h: FID ~115 (500 samples)
 Full reproduction (GPU, CIFAR-10 in data/): FID 9.58 / IS 8.30 in the paper
-    torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10 --preset paper
+    torchrun --nproc_per_node=8 recovery_likelihood.py --dataset cifar10
     python recovery_likelihood.py --dataset cifar10 --print-config    # the resolved configuration
 """
 import argparse
