@@ -82,15 +82,13 @@ def build_parser():
     p.set_defaults(log_every=20, ckpt_every=None)
     p.add_argument("--stage", default="all", choices=["all", "base", "ebm", "pixel"],
                    help="all: base then latent EBM in one folder; base / ebm: one stage each; pixel: the EBM-on-data "
-                        "baseline. --steps counts EBM steps (default: 1000 for a VAE, 200 for GLOW / GLF as in "
-                        "the paper; toys 2000; pixel: 200, paper preset 20000, cifar10 100000). --ckpt-every "
-                        "(default a tenth of --steps) spaces the EBM stage's checkpoints and sample pictures")
+                        "baseline. --steps: EBM steps (1000 VAE, 200 GLOW / GLF, as in the paper; toys 2000; pixel "
+                        "200, paper preset 20000); --ckpt-every: a tenth of them")
     p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"],
                    help="base generative model (--stage ebm: read from --base-ckpt)")
     p.add_argument("--base-ckpt", default=None,
-                   help="--stage ebm: the frozen base's checkpoint (default runs/latent_tilt-DATASET-BASE/"
-                        "checkpoint.pt, what --stage base writes); --base and its architecture flags are read from it "
-                        "(--print-config without it: the flags as given)")
+                   help="--stage ebm: the frozen base's checkpoint, whose --base and architecture flags are used "
+                        "(default runs/latent_tilt-DATASET-BASE/checkpoint.pt)")
     p.add_argument("--base-steps", type=int, default=None,
                    help="base steps (10000 toys, 2000 images, GLOW 8000; paper preset: 256 epochs = 120000, cifar10 100000; "
                         "GLOW 128 epochs of 64 = 120000, cifar10 256 epochs = 200000)")

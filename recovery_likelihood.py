@@ -71,37 +71,30 @@ def get_args(argv=None):
     p.add_argument("--n-steps", type=int, default=None,
                    help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, docs/recovery_likelihood.md)")
     p.add_argument("--b-square", type=float, default=None,
-                   help="b^2 of the step-size rule (R3) (paper 2e-4 for images; default 3e-2 for toys, "
-                        "where 2e-4 leaves NLL gaps of tens of nats)")
+                   help="b^2 of the step-size rule (R3) (default 3e-2 toys, 2e-4 images; paper 2e-4)")
     p.add_argument("--step-cap", type=float, default=None,
-                   help="cap s_t <= cap * sigma_{t+1} (not in the paper; without it the top levels diverge on "
-                        "toys; default 0.3, 0.42 for --net unet; on images it equals the floor, so the steps above "
-                        "level 0 are cap * sigma_{t+1}; --preset paper: inactive at b^2 = 2e-4)")
+                   help="cap s_t <= cap * sigma_{t+1} (R3; ours: default 0.3, --net unet 0.42; inactive under the "
+                        "paper preset)")
     p.add_argument("--step-floor", type=float, default=None,
-                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1, at most --step-cap (not in the paper; "
-                        "default 0.42 for --net unet's 15 steps, 0.3 for --net resnet's 30: the rule's steps leave "
-                        "the chains short of p(y_t | x_{t+1}), docs/recovery_likelihood.md; 0: off, toys and paper)")
+                   help="floor s_t >= floor * sigma_{t+1} at levels t >= 1, at most --step-cap (R3; ours: default "
+                        "0.42 --net unet, 0.3 --net resnet; 0 = off: toys and paper)")
     p.add_argument("--drift-cap", type=float, default=None,
-                   help="cap c on each Langevin step's drift: norm <= c sigma_{t+1} sqrt(dim) (not in the paper; "
-                        "default 0.1 for --net resnet on images, where it bounds runaways (docs/recovery_likelihood.md); "
-                        "0: off, toys, paper and --net unet, whose chains it would hold back)")
+                   help="cap c on each Langevin step's drift norm, c sigma_{t+1} sqrt(dim) (R3'; ours: default 0.1 "
+                        "for small --net resnet; 0 = off: toys, --net unet and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
     p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (paper 1e-4; default 5e-4, for runs of ~1000 steps: higher lets the "
-                        "toys' mode weights wander, and --net resnet can run away at level 0: docs/recovery_likelihood.md)")
+                   help="Adam learning rate (default 5e-4; paper preset 1e-4)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
-                   help="lr after warm-up (paper: none; default cosine to 0: on toys the level-0 mode weights wander "
-                        "with the lr; with --net resnet use it with --drift-cap, docs/recovery_likelihood.md)")
+                   help="lr after warm-up (default cosine to 0; paper: none, constant)")
     p.add_argument("--ema", type=float, default=None,
                    help="EMA decay of the weights used for sampling and evaluation (paper 0.999; toys 0.995)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips (images; paper: on)")
     p.add_argument("--net", default=None, choices=["resnet", "unet"],
-                   help="image energy: resnet, the authors' (--preset paper); unet (--preset small's default, ours): "
-                        "f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U, which at 1000 CPU steps draws "
-                        "items where the small ResNet draws blobs (docs/recovery_likelihood.md)")
+                   help="image energy: resnet, the authors' (paper preset); unet, ours (small preset's default): "
+                        "f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) with a small U-Net U")
     p.add_argument("--ch", type=int, default=None,
                    help="base channels (paper 128; default 32 for resnet, 16 for unet: 1000 CPU steps in ~1 hour)")
     p.add_argument("--ch-mult", default="1,2,2",
