@@ -1515,6 +1515,8 @@ class Logger:
             row["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if os.environ.get("EBM_SYNC_DEBUG"):  # tests/gpu_check.py counts the host syncs between marks
+            print(f"sync-mark step {step}", file=sys.stderr, flush=True)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in list(metrics.items())[:4]}, refresh=False)
         self.t0, self.step0 = now, step

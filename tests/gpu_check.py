@@ -10,7 +10,7 @@
    seconds per training step and peak GPU memory in fp32 and with --amp bf16 (read from
    log.jsonl, after a warm-up interval), and the host syncs per training step, counted from
    torch.cuda.set_sync_debug_mode("warn") (common.pick_device turns it on under
-   EBM_SYNC_DEBUG=1; the count includes the log and checkpoint steps), s/step with --compile
+   EBM_SYNC_DEBUG=1) between the log marks of steps 10 and 20 (one log call included), s/step with --compile
    where the script allows it, and model FLOPs utilisation: the FLOPs of one training step
    (torch.utils.flop_counter, counted as the difference between a 2-step and a 1-step run, so
    start-up and evaluation cancel) over s/step, over the GPU's dense peak (PEAK_TFLOPS; fp32
@@ -143,8 +143,21 @@ def time_script(name, argv, data_dir, amp, compile=False):
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:120]}
     sec, mem = read_log(out / "run")
-    syncs = r.stderr.count("called a synchronizing CUDA operation")
-    return {"s_per_step": sec, "max_mem_gb": mem, "syncs_per_step": syncs / STEPS, "wall_s": time.time() - t0}
+    return {"s_per_step": sec, "max_mem_gb": mem, "syncs_per_step": syncs_per_step(r.stderr),
+            "wall_s": time.time() - t0}
+
+
+SYNC = "called a synchronizing CUDA operation"
+
+
+def syncs_per_step(stderr, first=STEPS - LOG_EVERY, last=STEPS):
+    """Host syncs per training step between the Logger's marks at steps `first` and `last`
+    (common.Logger prints them under EBM_SYNC_DEBUG; the span holds one log call); None
+    when a mark is missing."""
+    a, b = f"sync-mark step {first}\n", f"sync-mark step {last}\n"
+    if a not in stderr or b not in stderr:
+        return None
+    return stderr.split(a, 1)[1].split(b, 1)[0].count(SYNC) / (last - first)
 
 
 def mark(passed):
@@ -220,7 +233,7 @@ def main(budget_s=float(os.environ.get("GPU_CHECK_BUDGET_S", 480)), only=()):
         comp = ("- (double backward)" if run in NO_COMPILE else c.get("error", "-")[:40] if "error" in c
                 else fmt(c.get("s_per_step"), ".3f"))
         print(f"| {run} | {a['s_per_step']:.3f} | {b['s_per_step']:.3f} | {a['s_per_step'] / b['s_per_step']:.2f} "
-              f"| {comp} | {a['max_mem_gb']:.1f} | {b['max_mem_gb']:.1f} | {a['syncs_per_step']:.1f} "
+              f"| {comp} | {a['max_mem_gb']:.1f} | {b['max_mem_gb']:.1f} | {fmt(a['syncs_per_step'], '.1f')} "
               f"| {fmt(flops and flops / 1e12, '.2f')} | {fmt(mfu['none'], '.1%')} | {fmt(mfu['bf16'], '.1%')} |")
     print(f"\ngpu_check: {'all ok' if ok else 'FAILURES above'} in {time.time() - t_start:.0f} s")
     return 0 if ok else 1

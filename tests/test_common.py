@@ -844,3 +844,19 @@ def test_compile_nets_gives_the_eager_langevin_chain_and_keeps_state_dict_keys()
     grads = [torch.autograd.grad(f(x0).pow(2).mean(), list(f.parameters())) for f in (net, twin)]
     for g, h in zip(*grads):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_check_counts_syncs_between_the_loggers_marks(tmp_path, monkeypatch, capsys):
+    """Only the warnings between the marks of steps 10 and 20 count, over 10 steps; the Logger
+    writes the marks under EBM_SYNC_DEBUG."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import gpu_check
+    w = gpu_check.SYNC + "\n"
+    stderr = 7 * w + "sync-mark step 10\n" + 25 * w + "sync-mark step 20\n" + 9 * w
+    assert gpu_check.syncs_per_step(stderr) == 2.5
+    assert gpu_check.syncs_per_step(7 * w) is None
+    monkeypatch.setenv("EBM_SYNC_DEBUG", "1")
+    logger = common.Logger(tmp_path, 20)
+    logger.log(10, 4, loss=1.0)
+    logger.close()
+    assert "sync-mark step 10\n" in capsys.readouterr().err
