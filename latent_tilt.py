@@ -483,10 +483,10 @@ class AffineCoupling(nn.Module):
 class Glow(nn.Module):
     """Multi-scale Glow: per level squeeze, `depth` x (actnorm, 1x1 conv, affine coupling),
     then (except at the last level) half the channels h_a leave as latents, whitened by Glow's
-    learned split prior: z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), [mu, tanh^-1 log_sigma] a
-    zero-initialised conv3x3 of the half h_b that stays (Glow's log-scale is unbounded; ours is
-    tanh-bounded, as GLF's, so that the inverse's gain stays <= e). So every latent is N(0, I),
-    concatenated into one flat z [B, C H W]."""
+    learned split prior: z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), where mu and log_sigma =
+    tanh(r) come from a zero-initialised conv3x3 of the half h_b that stays (Glow's log-scale is
+    unbounded; ours is bounded, as GLF's, so each split's inverse gain is <= e). So every latent is
+    N(0, I), concatenated into one flat z [B, C H W]."""
 
     def __init__(self, shape, levels, depth, hidden, floor=0.01):
         super().__init__()
