@@ -132,8 +132,10 @@ def build_parser():
     p.add_argument("--buffer-size", type=int, default=10000,
                    help="pixel EBM replay buffer, all ranks together (Du & Mordatch: 10000)")
     p.add_argument("--reinit", type=float, default=0.05, help="pixel EBM: fraction of chains from noise (D&M: 0.05)")
-    p.add_argument("--pixel-step", type=float, default=10.0, help="pixel Langevin gradient step (D&M: 10)")
-    p.add_argument("--pixel-noise", type=float, default=0.005, help="pixel Langevin noise std (D&M: 0.005)")
+    p.add_argument("--pixel-step", type=float, default=10.0, help="pixel Langevin gradient step, [0, 1] scale (D&M: 10)")
+    p.add_argument("--pixel-noise", type=float, default=0.005, help="pixel Langevin noise std, [0, 1] scale (D&M: 0.005)")
+    p.add_argument("--pixel-grad-clip", type=float, default=0.01,
+                   help="pixel Langevin: each pixel's energy gradient clipped to +-this (D&M's proj_norm: 0.01)")
     p.add_argument("--pixel-alpha", type=float, default=1.0, help="pixel EBM energy L2 weight (D&M: 1)")
     return p
 
@@ -200,8 +202,8 @@ def resolve_defaults(args):
         args.base_ckpt_every = max(1, args.base_steps // 10)
     common.check_positive(args, "eps", "sample_steps", "langevin_steps", "base_batch_size", "base_lr", "lr", "nz",
                           "input_scale", "ngf", "hidden", "e_hidden", "ch", "num_blocks", "recon_std", "buffer_size",
-                          "pixel_step", "pixel_noise", "glow_levels", "glow_depth", "glow_hidden", "flow_couplings",
-                          "flow_hidden", "stop_samples", "base_ckpt_every", "eval_samples")
+                          "pixel_step", "pixel_noise", "pixel_grad_clip", "glow_levels", "glow_depth", "glow_hidden",
+                          "flow_couplings", "flow_hidden", "stop_samples", "base_ckpt_every", "eval_samples")
     for name in ("alpha", "pixel_alpha", "base_steps", "eval_every", "patience", "glow_scale_floor"):
         if getattr(args, name) < 0:
             raise common.UserError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
@@ -646,15 +648,23 @@ def sample_latent(E, G, z0, n_steps, eps, keep_every=0, amp=contextlib.nullconte
 
 
 def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext, trace=False):
-    """Du & Mordatch 2019: x <- clip(x - step grad E(x) + noise w), w ~ N(0, I), as
-    common.langevin's s-convention: s^2 / 2 = step, noise_scale = noise / s."""
-    s = math.sqrt(2 * args.pixel_step)
-
-    def log_p(x):
-        with amp():
-            e = E(x)
-        return -e.float()
-    return common.langevin(log_p, x0, n_steps, s, noise_scale=args.pixel_noise / s, clamp=(-1.0, 1.0), trace=trace)
+    """Du & Mordatch 2019's sampler (their code), run on their [0, 1] pixel scale u = (x + 1) / 2
+    so that their numbers apply unchanged: u <- u + noise w, w ~ N(0, I), then
+    u <- clip(u - step clip(grad_u E, -c, c), 0, 1) with c = --pixel-grad-clip (their proj_norm):
+    a step moves a pixel by at most step c. trace: also {"grad_norm": [K, B]} (before the clip)."""
+    u = (x0.detach().float() + 1) / 2
+    grad_norms = []
+    for _ in range(n_steps):
+        u = (u + args.pixel_noise * torch.randn_like(u)).requires_grad_(True)
+        with torch.enable_grad(), amp():
+            e = E(2 * u - 1).float().sum()
+        (grad,) = torch.autograd.grad(e, u)
+        if trace:
+            grad_norms.append(grad.flatten(1).norm(dim=1))
+        c = args.pixel_grad_clip
+        u = (u.detach() - args.pixel_step * grad.clamp(-c, c)).clamp(0, 1)
+    x = 2 * u - 1
+    return (x, {"grad_norm": torch.stack(grad_norms)}) if trace else x
 
 
 # ======================================================================================

@@ -176,24 +176,30 @@ def test_untrained_toy_energy_is_the_untilted_base():
     assert E(torch.randn(100, 2)).abs().max() == 0
 
 
-def test_pixel_langevin_is_du_mordatch_step_10_noise_0005():
-    """x <- clip(x - 10 grad E(x) + 0.005 w, -1, 1), w ~ N(0, I), step by step (the mapping onto
-    common.langevin's s^2/2 = step, noise_scale = noise / s must reproduce it exactly)."""
+def test_pixel_langevin_is_du_mordatch_on_their_0_1_scale():
+    """Du & Mordatch's code, on u = (x + 1) / 2: u <- u + 0.005 w, then u <- clip(u - 10 clip(grad_u E,
+    -0.01, 0.01), 0, 1), step by step; grad_u E = 2 grad_x E (a missing factor 2, a flipped sign or
+    a clip in the wrong scale fails)."""
     args = latent_tilt.get_args(["--dataset", "fashion", "--preset", "small", "--stage", "pixel"])[0]
-    assert (args.pixel_step, args.pixel_noise) == (10.0, 0.005)
-    c, k = 0.03, torch.linspace(-0.02, 0.05, 16).view(1, 1, 4, 4)
-    E = lambda x: (0.5 * c * x ** 2 - k * x).flatten(1).sum(1)  # grad E = c x - k
+    assert (args.pixel_step, args.pixel_noise, args.pixel_grad_clip) == (10.0, 0.005, 0.01)
+    c, k = 0.003, torch.linspace(-0.02, 0.02, 16).view(1, 1, 4, 4)
+    E = lambda x: (0.5 * c * x ** 2 - k * x).flatten(1).sum(1)  # grad_x E = c x - k
     torch.manual_seed(0)
     x0 = torch.rand(3, 1, 4, 4) * 2 - 1
-    x0[:, 0, 3, 3] = 0.99  # pushed past 1 (by 10 k = 0.5): the clip must bind
+    x0[:, 0, 3, 3] = 0.99  # u = 0.995, pushed up by 10 * 0.01: the [0, 1] clip must bind
     torch.manual_seed(1)
-    expect = x0
-    for _ in range(2):  # common.langevin draws one normal per step, after the gradient
-        expect = (expect - 10 * (c * expect - k) + 0.005 * torch.randn_like(expect)).clamp(-1, 1)
+    u = (x0 + 1) / 2
+    for _ in range(2):  # the noise first, then the gradient at the noisy point (their order)
+        u = u + 0.005 * torch.randn_like(u)
+        grad_u = 2 * (c * (2 * u - 1) - k)
+        u = (u - 10 * grad_u.clamp(-0.01, 0.01)).clamp(0, 1)
+    expect = 2 * u - 1
     torch.manual_seed(1)
     got = latent_tilt.sample_pixels(E, x0, args, 2)
     assert torch.allclose(got, expect, atol=1e-6)
     assert (expect.abs() == 1).any() and (expect.abs() < 1).any()
+    grad_u = 2 * (c * x0 - k)  # both regimes occur: clipped and not
+    assert (grad_u.abs() > 0.01).any() and (grad_u.abs() < 0.01).any()
 
 
 # ---------------------------------------------------------------- the objective (Eq. 5 / 7) and its regulariser

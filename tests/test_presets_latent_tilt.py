@@ -161,8 +161,9 @@ def test_print_config_shows_the_papers_values(dataset, tmp_path, capsys):
     assert (glf["nz"], glf["flow_couplings"], glf["flow_hidden"], glf["steps"]) == (64, 4, 256, 200)
     pixel = print_config(["--dataset", dataset, "--stage", "pixel"], capsys, tmp_path)
     assert pixel["steps"] == (20000 if dataset != "cifar10" else 100000)  # Appendix B.2
-    du_mordatch = (pixel["pixel_step"], pixel["pixel_noise"], pixel["buffer_size"], pixel["reinit"])
-    assert du_mordatch == (10, 0.005, 10000, 0.05)
+    du_mordatch = (pixel["pixel_step"], pixel["pixel_noise"], pixel["pixel_grad_clip"], pixel["buffer_size"],
+                   pixel["reinit"])
+    assert du_mordatch == (10, 0.005, 0.01, 10000, 0.05)
 
 
 def test_explicit_flags_win_however_given(tmp_path, capsys):
