@@ -74,7 +74,7 @@ def _log_p_and_grad(log_p, x):
 
 
 def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
-             grad_clip=None, clamp=None, mh=False, trace=False, keep_every=0):
+             grad_clip=None, mh=False, trace=False, keep_every=0):
     """Langevin dynamics on an (unnormalised) log-density.
 
     log_p: callable x [B, ...] -> [B] (for an energy E pass `lambda x: -E(x)`).
@@ -84,7 +84,6 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
       convention "eps": x <- x + eps/2 grad log p + sqrt(eps) * noise_scale * noise  (= eps)
     noise_scale: a float or a per-step sequence (e.g. 0.99 when sampling for FID).
     grad_clip: cap on each chain's gradient L2 norm (None: off).
-    clamp: (lo, hi) bounds on x after each step (None: off).
     mh: Metropolis-Hastings correction (MALA); the proposal is N(x + s^2/2 g, (s*noise)^2).
     trace: also return a dict with `log_p` [K, B] and `grad_norm` [K, B] at the start of
       each step, `accept`
@@ -94,9 +93,6 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     Runs in fp32 whatever the network's precision; each step frees its graph, so memory
     does not grow with n_steps. Returns x [B, ...] (and the trace dict when trace=True).
     """
-    if mh and clamp is not None:
-        raise ValueError("langevin: mh=True with clamp breaks detailed balance (the clamped proposal's density "
-                         "is not the Gaussian the acceptance ratio uses); drop one of them")
     x = x.detach().float()
     if mh:  # MALA needs log p and its gradient at both ends of every proposal
         lp, grad = _log_p_and_grad(log_p, x)
@@ -116,8 +112,6 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
         tau = s * _as_column(_per_step(noise_scale, k), x)
         mean = x + 0.5 * s ** 2 * grad
         x_new = mean + tau * torch.randn_like(x)
-        if clamp is not None:
-            x_new = x_new.clamp(*clamp)
         if mh:
             lp_new, grad_new = _log_p_and_grad(log_p, x_new)
             if grad_clip is not None:

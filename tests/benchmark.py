@@ -231,7 +231,7 @@ def bench_damc(device, quick):
 
 def bench_latent_vs_pixel(device, quick):
     import latent_tilt as lt
-    args = lt.get_args(["--dataset", "fashion", "--stage", "ebm", "--preset", "small"])
+    args = lt.get_args(["--dataset", "fashion", "--stage", "all", "--preset", "small"])[0]
     torch.manual_seed(0)
     E = lt.build_energy(args, 1).to(device)
     G = lt.build_base(args, 1).to(device).eval()
@@ -244,7 +244,7 @@ def bench_latent_vs_pixel(device, quick):
         lt.mle_loss(E(x_data), E(G.decode(z)), args.alpha).backward()
 
     def pixel():
-        x = common.langevin(lambda v: -E(v), torch.rand_like(x_data) * 2 - 1, k, 0.1, clamp=(-1.0, 1.0))
+        x = lt.sample_pixels(E, torch.rand_like(x_data) * 2 - 1, args, k)
         lt.mle_loss(E(x_data), E(x), args.alpha).backward()
     ratio, ta, tb = compare(latent, pixel, device, 3 if quick else 7)
     row("latent EBM step / pixel EBM step", ratio, None, f"{k} Langevin steps each: {ta:.2f} s vs {tb:.2f} s")
