@@ -652,7 +652,7 @@ def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext, trace=False)
     so that their numbers apply unchanged: u <- u + noise w, w ~ N(0, I), then
     u <- clip(u - step clip(grad_u E, -c, c), 0, 1) with c = --pixel-grad-clip (their proj_norm):
     a step moves a pixel by at most step c. trace: also {"grad_norm": [K, B]} (before the clip)."""
-    u = (x0.detach().float() + 1) / 2
+    u, c = (x0.detach().float() + 1) / 2, args.pixel_grad_clip
     grad_norms = []
     for _ in range(n_steps):
         u = (u + args.pixel_noise * torch.randn_like(u)).requires_grad_(True)
@@ -661,7 +661,6 @@ def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext, trace=False)
         (grad,) = torch.autograd.grad(e, u)
         if trace:
             grad_norms.append(grad.flatten(1).norm(dim=1))
-        c = args.pixel_grad_clip
         u = (u.detach() - args.pixel_step * grad.clamp(-c, c)).clamp(0, 1)
     x = 2 * u - 1
     return (x, {"grad_norm": torch.stack(grad_norms)}) if trace else x
