@@ -418,18 +418,15 @@ def _toy_mixture(name):
     return None
 
 
-def _toy_curve(name, n=3000):
-    """Curve points c [N, 2] (uniform in the sampling parameter) and the std of the
-    isotropic noise added to them, for the toys that are a curve plus Gaussian noise."""
-    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    if name == "swissroll":  # sklearn make_swiss_roll, noise 0.25, columns 0 and 2, / 7.5
+def _curve(name, u):
+    """Points [N, 2] (float64) of a curve toy at parameters u [N] in [0, 1), and the std of the
+    isotropic noise added to them: swissroll (sklearn make_swiss_roll, noise 0.25, columns 0
+    and 2, / 7.5) or rings (four concentric circles, radii 0.5..2, equal weight, noise 0.08)."""
+    if name == "swissroll":
         t = 1.5 * math.pi * (1 + 2 * u)
         return torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 7.5, 0.25 / 7.5
-    if name == "rings":  # four concentric circles, radii 0.5..2, equal weight, noise 0.08
-        radius = 0.5 * (1 + torch.floor(u * 4))
-        angle = 2 * math.pi * ((u * 4) % 1)
-        return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1), 0.08
-    return None
+    radius, angle = 0.5 * (1 + torch.floor(u * 4)), 2 * math.pi * ((u * 4) % 1)
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1), 0.08
 
 
 def toy_sample(name, n, generator=None):
@@ -442,14 +439,8 @@ def toy_sample(name, n, generator=None):
         idx = torch.randint(len(means), (n,), generator=generator)
         return means[idx] + std * randn(n, 2)
     if name in ("swissroll", "rings"):
-        u = rand(n).double()
-        if name == "swissroll":
-            t = 1.5 * math.pi * (1 + 2 * u)
-            c = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 7.5
-            return (c + 0.25 / 7.5 * randn(n, 2).double()).float()
-        radius, angle = 0.5 * (1 + torch.floor(u * 4)), 2 * math.pi * ((u * 4) % 1)
-        c = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1)
-        return (c + 0.08 * randn(n, 2).double()).float()
+        c, std = _curve(name, rand(n).double())
+        return (c + std * randn(n, 2).double()).float()
     if name == "pinwheel":
         return pinwheel_sample(n, num_arms=5, generator=generator)
     if name == "checkerboard":  # uniform on the 8 black squares of a 4x4 board on [-2, 2]^2
@@ -477,9 +468,9 @@ def toy_log_prob(name, x):
     curve by a 3000-point midpoint rule (error < 1e-3 nats, largest at the curve ends)."""
     x = x.double()
     mix = _toy_mixture(name)
-    curve = None if mix is not None else _toy_curve(name)
-    if mix is not None or curve is not None:
-        centres, std = (mix[0].double(), mix[1]) if mix is not None else curve
+    if mix is not None or name in ("swissroll", "rings"):
+        u = (torch.arange(3000, dtype=torch.float64) + 0.5) / 3000  # the curve's midpoint rule
+        centres, std = (mix[0].double(), mix[1]) if mix is not None else _curve(name, u)
         out = []
         for xb in x.split(2048):
             d2 = torch.cdist(xb, centres) ** 2

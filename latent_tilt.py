@@ -455,8 +455,8 @@ class InvConv(nn.Module):
 
 class AffineCoupling(nn.Module):
     """x_b <- (x_b + t(x_a)) * s, s = floor + (1 - floor) sigmoid(h(x_a) + 2) (Glow's code: floor 0;
-    ours 0.01: without it the inverse's gain 1 / s is unbounded, and latent Langevin chains
-    through an undertrained GLOW reached NaN within 10 steps); the coupling net is
+    ours 0.01: it bounds the inverse's gain 1 / s, through which latent Langevin chains
+    otherwise overflow; docs/latent_tilt.md); the coupling net is
     conv3x3 - ReLU - conv1x1 - ReLU - zero-initialised conv3x3 (the paper's 3-layer Highway
     net is replaced by this plain 3-layer net)."""
 
