@@ -121,7 +121,9 @@ def build_parser():
     p.add_argument("--mala", action=argparse.BooleanOptionalAction, default=None,
                    help="Metropolis-adjust the latent chains in training and sampling (default: toys on, images off; "
                         "paper: off)")
-    p.add_argument("--alpha", type=float, default=0.1, help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1)")
+    p.add_argument("--alpha", type=float, default=0.1,
+                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1); it caps the data-sample energy gap "
+                        "at 1/alpha: our GLOW tilt uses 0.001 (docs/latent_tilt.md)")
     p.add_argument("--eval-every", type=int, default=None, help="early stop: score every N steps (toys 250; 50)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many scores without improvement (0: never)")
     p.add_argument("--stop-samples", type=int, default=None,
@@ -613,7 +615,8 @@ def build_energy(args, in_ch, sn=False):
 def mle_loss(e_data, e_model, alpha):
     """Surrogate whose theta-gradient is Eq. 5 / 7, E_data[dE(x)/dtheta] - E_tilted[dE(G(z))/dtheta]
     (model points: Langevin samples, held fixed), plus alpha (E_data^2 + E_model^2) (Appendix
-    B.2's energy regularisation)."""
+    B.2's energy regularisation). Its minimiser for free energies is E_data = -1/(2 alpha),
+    E_model = +1/(2 alpha): alpha caps the energy gap between data and samples at 1/alpha."""
     return e_data.mean() - e_model.mean() + alpha * ((e_data ** 2).mean() + (e_model ** 2).mean())
 
 

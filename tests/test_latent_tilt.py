@@ -250,6 +250,17 @@ def test_training_loss_gradient_is_eq7_plus_the_regulariser_by_hand():
     assert nll_grad.abs().min() > 0.05 and reg.abs().min() > 0.05  # both terms matter
 
 
+def test_regulariser_caps_the_energy_gap_at_one_over_alpha():
+    """mle_loss over free energies: stationary (and convex) at E_data = -1/(2 alpha),
+    E_model = +1/(2 alpha), so the largest gap the regulariser allows is 1/alpha."""
+    for alpha in (0.1, 0.01):
+        e = torch.tensor([-1 / (2 * alpha), 1 / (2 * alpha)], dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(latent_tilt.mle_loss(e[:1], e[1:], alpha), e)
+        assert torch.allclose(grad, torch.zeros(2, dtype=torch.float64), atol=1e-12)
+        moved = torch.tensor([-1 / (2 * alpha) - 0.5, 1 / (2 * alpha) + 0.5], dtype=torch.float64)
+        assert latent_tilt.mle_loss(moved[:1], moved[1:], alpha) > latent_tilt.mle_loss(e[:1].detach(), e[1:].detach(), alpha)
+
+
 def test_keep_best_keeps_a_copy_of_the_best_energy_and_stops_after_patience():
     E = nn.Linear(1, 1)
     track = {"step": 0, "best": None, "best_step": 0, "bad": 0, "stopped": False, "best_E": None}
