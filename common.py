@@ -85,10 +85,9 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     noise_scale: a float or a per-step sequence (e.g. 0.99 when sampling for FID).
     grad_clip: cap on each chain's gradient L2 norm (None: off).
     mh: Metropolis-Hastings correction (MALA); the proposal is N(x + s^2/2 g, (s*noise)^2).
-    trace: also return a dict with `log_p` [K, B] and `grad_norm` [K, B] at the start of
-      each step, `accept`
-      (mean acceptance rate, MALA only) and `traj` [K // keep_every + 1, B, ...] when
-      keep_every > 0.
+    trace: also return a dict with `log_p` [K, B] and `grad_norm` [K, B] at the start of each
+      step, `accept` (mean acceptance rate, MALA only) and `traj` [K // keep_every + 1, B, ...]
+      when keep_every > 0.
 
     Runs in fp32 whatever the network's precision; each step frees its graph, so memory
     does not grow with n_steps. Returns x [B, ...] (and the trace dict when trace=True).
@@ -406,8 +405,8 @@ TOYS = ["8gaussians", "25gaussians", "swissroll", "pinwheel", "rings", "checkerb
 IMAGE_DATASETS = ["mnist", "fashion", "cifar10", "svhn", "celeba", "lsun_church", "lsun_bedroom"]
 
 
-def _toy_mixture(name):
-    """Means [M, 2] and common std of the Gaussian-mixture toys."""
+def toy_modes(name):
+    """Mode centres [M, 2] and their common std for the Gaussian-mixture toys (hq_frac, modes), else None."""
     if name == "8gaussians":  # radius-2 circle, std 0.1 (NOTES.md, section 1)
         angles = torch.arange(8) * (2 * math.pi / 8)
         return 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], 1), 0.1
@@ -433,7 +432,7 @@ def toy_sample(name, n, generator=None):
     """n samples [n, 2] of a 2-D toy; `generator` a torch.Generator (None: global RNG)."""
     randn = lambda *s: torch.randn(*s, generator=generator)
     rand = lambda *s: torch.rand(*s, generator=generator)
-    mix = _toy_mixture(name)
+    mix = toy_modes(name)
     if mix is not None:
         means, std = mix
         idx = torch.randint(len(means), (n,), generator=generator)
@@ -467,7 +466,7 @@ def toy_log_prob(name, x):
     has no closed form. Curve toys (swissroll, rings) integrate the noise kernel along the
     curve by a 3000-point midpoint rule (error < 1e-3 nats, largest at the curve ends)."""
     x = x.double()
-    mix = _toy_mixture(name)
+    mix = toy_modes(name)
     if mix is not None or name in ("swissroll", "rings"):
         u = (torch.arange(3000, dtype=torch.float64) + 0.5) / 3000  # the curve's midpoint rule
         centres, std = (mix[0].double(), mix[1]) if mix is not None else _curve(name, u)
@@ -485,15 +484,10 @@ def toy_log_prob(name, x):
     return None
 
 
-def toy_modes(name):
-    """Mode centres [M, 2] and their std for the mode-based toys (hq_frac, modes), else None."""
-    return _toy_mixture(name)
-
-
 def mode_stats(x, name, n_std=4.0):
     """hq_frac: fraction of samples x [N, 2] within n_std std of a mode centre; modes: the
     number of modes that hold at least one such sample (CONVENTIONS.md)."""
-    means, std = _toy_mixture(name)
+    means, std = toy_modes(name)
     d = torch.cdist(x.double().cpu(), means.double())
     nearest_d, nearest = d.min(1)
     good = nearest_d <= n_std * std
@@ -657,8 +651,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if isinstance(idx, slice):
             idx = range(*idx.indices(len(self)))
         if isinstance(idx, (list, range, np.ndarray, torch.Tensor)):
-            return torch.stack([self[int(i)] for i in idx]) if len(idx) else torch.empty(0, 3, self.size, self.size,
-                                                                                        dtype=torch.uint8)
+            if not len(idx):
+                return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+            return torch.stack([self[int(i)] for i in idx])
         return torch.from_numpy(read_image(self.files[idx], self.size, self.celeba))
 
 
@@ -760,7 +755,7 @@ class Batches:
             self._epoch_batches = self._make()
             if not self.lazy:  # the epoch's indices: one copy to the data's device per epoch
                 self._epoch_batches = torch.tensor(self._epoch_batches, device=self.data.device)
-            if self.lazy:  # the rest of this epoch's batches, decoded ahead by the workers
+            else:  # the rest of this epoch's batches, decoded ahead by the workers
                 pin = self.device is not None and torch.device(self.device).type == "cuda"
                 self._loader = iter(torch.utils.data.DataLoader(
                     self.data, batch_sampler=self._epoch_batches[self.pos:], num_workers=self.workers,
@@ -854,22 +849,19 @@ def inception_features(images, batch_size=100, device="cpu", model=None):
     return torch.cat(feats).numpy()
 
 
-def _stats_path(dataset, split, hw, n, cache_dir):
-    return Path(cache_dir) / f"{dataset}_{split}_{hw[0]}x{hw[1]}_{n}.npz"
-
-
-def reference_stats(dataset, split, images, n, cache_dir="data/fid_stats", device="cpu"):
-    """Inception (mu, sigma) of the first n real images, cached in cache_dir as
-    DATASET_SPLIT_HxW_N.npz. images: uint8 or [-1, 1] float [M, C, H, W], M >= n, or an
-    ImageFolder (read in chunks, never whole)."""
-    path = _stats_path(dataset, split, tuple(images[0].shape[-2:]), n, cache_dir)
+def reference_stats(dataset, split, n, size, data_dir="data", device="cpu"):
+    """Inception (mu, sigma) of the first n images of a real data set's split at size x size
+    (mnist/fashion padded when size is 32), cached as DATA_DIR/fid_stats/DATASET_SPLIT_SxS_N.npz:
+    the split is read, 1000 images at a time, only when that file is not there."""
+    path = Path(data_dir) / "fid_stats" / f"{dataset}_{split}_{size}x{size}_{n}.npz"
     if path.exists():
         with np.load(path) as f:
             return f["mu"], f["sigma"]
-    feats = []
-    for i in range(0, n, 1000):
-        x = torch.as_tensor(images[i: min(n, i + 1000)])
-        feats.append(inception_features(to_float(x) if x.dtype == torch.uint8 else x, device=device))
+    pad = dataset in ("mnist", "fashion") and size == 32
+    real = load_images(dataset, data_dir, split, pad_to_32=pad, collective=False)
+    if len(real) < n:
+        raise UserError(f"--fid-samples {n} exceeds the {len(real)} images of {dataset}/{split}")
+    feats = [inception_features(to_float(real[i: min(n, i + 1000)]), device=device) for i in range(0, n, 1000)]
     mu, sigma = feature_stats(np.concatenate(feats))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -889,22 +881,8 @@ def fid(samples, ref_stats, device="cpu"):
 
 
 def fid_vs_data(samples, dataset, data_dir="data", split="test", device="cpu"):
-    """FID of samples [N, C, H, W] in [-1, 1] against the first N images of the data set's
-    split (mnist/fashion padded to 32 when the samples are 32 x 32). The reference statistics
-    are cached under DATA_DIR/fid_stats; the split is read only when they are not there."""
-    n, size = len(samples), samples.shape[-1]
-    pad = dataset in ("mnist", "fashion") and size == 32
-    cache = Path(data_dir) / "fid_stats"
-    path = _stats_path(dataset, split, (size, size), n, cache)
-    if path.exists():
-        with np.load(path) as f:
-            ref = f["mu"], f["sigma"]
-    else:
-        real = load_images(dataset, data_dir, split, pad_to_32=pad, collective=False)
-        if len(real) < n:
-            raise UserError(f"--fid-samples {n} exceeds the {len(real)} images of {dataset}/{split}")
-        ref = reference_stats(dataset, split, real, n, cache, device)
-    return fid(samples, ref, device)
+    """FID of samples [N, C, H, W] in [-1, 1] against the first N images of the data set's split."""
+    return fid(samples, reference_stats(dataset, split, len(samples), samples.shape[-1], data_dir, device), device)
 
 
 def inception_score(probs, splits=10):

@@ -459,18 +459,21 @@ def test_fid_scores_non_finite_samples_as_clamped_images(monkeypatch, capsys):
     assert "2 of 12 samples hold NaN/inf" in capsys.readouterr().out
 
 
-def test_reference_stats_are_cached(tmp_path, monkeypatch):
-    calls = []
+def test_reference_stats_are_those_of_the_first_n_images_and_cached(tmp_path, monkeypatch):
+    calls, reads = [], []
 
     def fake_features(x, **k):
         calls.append(len(x))
         return x.flatten(1).numpy()[:, :4].astype(np.float64)
     monkeypatch.setattr(common, "inception_features", fake_features)
     imgs = np.random.default_rng(0).integers(0, 256, (20, 1, 4, 4), dtype=np.uint8)
-    a = common.reference_stats("mnist", "test", imgs, 10, tmp_path)
-    b = common.reference_stats("mnist", "test", imgs, 10, tmp_path)
-    assert calls == [10] and np.array_equal(a[1], b[1])
-    assert (tmp_path / "mnist_test_4x4_10.npz").exists()
+    monkeypatch.setattr(common, "load_images", lambda *a, **k: reads.append(a) or imgs)
+    a = common.reference_stats("mnist", "test", 10, 4, tmp_path)
+    b = common.reference_stats("mnist", "test", 10, 4, tmp_path)
+    assert calls == [10] and len(reads) == 1 and np.array_equal(a[1], b[1])
+    assert (tmp_path / "fid_stats" / "mnist_test_4x4_10.npz").exists()
+    mu, sigma = common.feature_stats(fake_features(common.to_float(imgs[:10])))
+    assert np.allclose(a[0], mu) and np.allclose(a[1], sigma)
 
 
 def test_fid_vs_data_reads_the_split_only_when_its_statistics_are_not_cached(tmp_path, monkeypatch):
