@@ -3,25 +3,22 @@ https://arxiv.org/abs/2310.03218  (the text beside this repository is the poster
 come from the authors' code, summarised in NOTES.md section 3)
 
 Implemented (docs/damc_prior.md maps each part to the poster and lists every deviation):
-- The latent-space EBM (LEBM, Pang et al. 2020): prior p_alpha(z) = exp(f_alpha(z)) N(0, I) / Z,
-  an MLP energy E = -f, generator x = g_beta(z) + N(0, sigma^2 I) (the authors' DCGAN-style nets),
-  learned with the poster's "Background" gradients delta_alpha and delta_beta.
-- DAMC: q_phi, the authors' conditional diffusion model over z (conditioned on an x-encoding; its
-  unconditional branch samples the prior), starts the chains; short-run posterior / prior Langevin
-  refines them; q is fitted M times to the refined posterior samples, then g, then E are updated.
+- The latent-space EBM (LEBM, Pang et al. 2020): prior p_alpha(z) = exp(f_alpha(z)) N(0, I) / Z, an MLP
+  energy E = -f, generator x = g_beta(z) + N(0, sigma^2 I) (the authors' DCGAN-style nets), learned with
+  the poster's "Background" gradients delta_alpha and delta_beta.
+- DAMC: q_phi, the authors' diffusion model over z conditioned on an x-encoding (its unconditional branch
+  samples the prior), starts the chains; short-run posterior / prior Langevin refines them; q is fitted
+  M times to the refined posterior samples, then g, then E are updated.
 - `--sampler langevin`: the short-run LEBM baseline with Pang et al.'s own image settings.
-- The poster's toy ("Amortizing long-run MCMC"): a 2-arm pinwheel latent through a fixed random
-  MLP generator; q's and short-run Langevin's posterior samples against the exact posterior of
-  the current model on a grid.
-Evaluation (images; --preset paper follows the authors' eval_gen_recon.py): fid_q (q's prior
-branch -> g) and fid_ebm (prior Langevin from N(0, I) -> g) on 50,000 samples against the training
-split; mse_recon (q(x) + 10 noise-free posterior steps, per-pixel MSE in [-1, 1] over the test
-set), mse_recon_start (q(x) alone). Toy: post_dist_damc, post_dist_langevin (MMD^2 to the exact
-posterior), log_px_gap (held-out log p(x), learned minus true prior), prior_mmd.
-
-Langevin convention (poster, authors' code): with U = -log pi,
+- The poster's toy ("Amortizing long-run MCMC"): a 2-arm pinwheel latent through a fixed random MLP
+  generator; q's and short-run Langevin's posterior samples against the current model's exact posterior.
+Evaluation (images; --preset paper follows the authors' eval_gen_recon.py): fid_q (q's prior branch -> g)
+and fid_ebm (prior Langevin from N(0, I) -> g) on 50,000 samples against the training split; mse_recon
+(q(x) + 10 noise-free posterior steps, per-pixel MSE in [-1, 1] over the test set), mse_recon_start
+(q(x) alone). Toy: post_dist_damc, post_dist_langevin (MMD^2 to the exact posterior),
+log_px_gap (held-out log p(x), learned minus true prior), prior_mmd.
+Langevin (poster, authors' code; common.langevin's "s" convention, in fp32), with U = -log pi:
     z <- z - s^2/2 grad U(z) + s w = z + s^2/2 grad log pi(z) + s w,  w ~ N(0, I)
-which is common.langevin's "s" convention; Langevin steps and log-densities run in fp32.
 
 Offline demo (toy; 6 min 44 s on 2 CPU cores):   python damc_prior.py
     post_dist_damc 0.017 vs. post_dist_langevin 0.139; log_px_gap -0.080 nats (N(0, I): -0.746)
@@ -80,8 +77,8 @@ LEBM = {"sigma": 0.3, "post_steps": 20, "post_step_size": 0.1, "prior_steps": 60
 LEBM_PAPER_BATCH = 100
 # Flags that change the model or the objective: --resume / --eval-only refuse a different value.
 MUST_MATCH = ("dataset", "arms", "nz", "ngf", "ndf", "nxemb", "q_width", "logsnr_min", "logsnr_max", "sampler",
-              "sigma", "p_mask", "post_steps", "post_step_size", "prior_steps", "prior_step_size", "prior_mala", "q_steps",
-              "flip")
+              "sigma", "p_mask", "post_steps", "post_step_size", "prior_steps", "prior_step_size", "prior_mala",
+              "q_steps", "flip")
 
 
 def build_parser():
@@ -92,9 +89,7 @@ def build_parser():
     a = p.add_argument
     a("--sampler", default="damc", choices=["damc", "langevin"],
       help="damc: chains start from q's slow copy (the paper); langevin: from N(0, I), the short-run LEBM "
-           "baseline, with Pang et al. 2020's settings on images (their train_svhn.py) for every flag not given: "
-           "sigma 0.3, 20 posterior steps s 0.1, 60 prior steps s 0.4 (also for fid_ebm), Adam lr g 1e-4 / E "
-           "2e-5, x0.998 per epoch, no clipping, no q updates, batch 100 under --preset paper")
+           "baseline, with Pang et al.'s image settings (the 'LEBM' values below) for every flag not given")
     a("--nz", type=int, default=None, help="latent dim (default: authors' per data set: cifar10 128, svhn 100, "
       "celeba 100, mnist/fashion 8; toy 2)")
     a("--ngf", type=int, default=8, help="generator width: top layer 8*ngf channels (paper: 128, svhn 64)")
@@ -119,8 +114,7 @@ def build_parser():
     a("--recon-images", type=int, default=500, help="test images for mse_recon, 0: none (paper: the whole test "
       "set: cifar10 10000, svhn 26032, celeba 19962)")
     a("--q-steps", type=int, default=100, help="ancestral sampling steps of q (paper: 100)")
-    a("--q-updates", type=int, default=6, help="M: q updates per iteration on the refined samples (paper: 6; "
-      "LEBM 0)")
+    a("--q-updates", type=int, default=6, help="M: q updates per iteration on the refined samples (paper: 6; LEBM 0)")
     a("--p-mask", type=float, default=None, help="probability of dropping x to train q's prior branch "
       "(paper: 0.2 images, 0.1 toy)")
     a("--slow-rate", type=float, default=None, help="slow copy <- rate*q + (1-rate)*copy every --slow-every steps "
@@ -129,11 +123,9 @@ def build_parser():
     a("--q-lr", type=float, default=None, help="AdamW lr of q (paper: 2e-4; toy default 1e-3 for a short run)")
     a("--q-wd", type=float, default=None, help="AdamW weight decay of q (paper: 1e-4 images, 1e-2 toy)")
     a("--g-lr", type=float, default=2e-4, help="Adam lr of g (paper: 2e-4; LEBM 1e-4)")
-    a("--e-lr", type=float, default=None, help="Adam lr of the prior energy (paper: 1e-4; LEBM 2e-5; "
-      "default 1e-4 images, 1e-3 toy)")
+    a("--e-lr", type=float, default=None, help="Adam lr of E (paper: 1e-4; LEBM 2e-5; default 1e-4 images, 1e-3 toy)")
     a("--grad-clip", type=float, default=100.0, help="gradient-norm clip for q, g, E; 0: off (paper: 100; LEBM off)")
-    a("--lr-decay", type=float, default=0.99, help="all lrs times this every --lr-decay-every steps "
-      "(paper: 0.99; LEBM 0.998)")
+    a("--lr-decay", type=float, default=0.99, help="lrs x this every --lr-decay-every steps (paper: 0.99; LEBM 0.998)")
     a("--lr-decay-every", type=int, default=None, help="default 1000 (paper); LEBM: one epoch, "
       "ceil(training images / batch size)")
     a("--lr-min", type=float, default=1e-5, help="floor of the lr decay (paper: 1e-5; LEBM 0)")
@@ -154,7 +146,8 @@ def resolve_defaults(args):
         raise common.UserError(f"damc_prior.py supports {', '.join(common.TOYS + IMAGE_SETS)}, not {args.dataset}")
     kind = "image" if args.dataset in IMAGE_SETS else "toy"
     given = set(getattr(args, "given", ()))
-    if kind == "image" and args.sampler == "langevin":  # Pang et al.'s baseline: their values where not given
+    lebm = kind == "image" and args.sampler == "langevin"
+    if lebm:  # Pang et al.'s baseline: their values where not given
         for key, value in LEBM.items():
             if key not in given:
                 setattr(args, key, value)
@@ -170,16 +163,14 @@ def resolve_defaults(args):
     if args.eval_prior_step_size is None:
         args.eval_prior_step_size = args.prior_step_size
     if args.lr_decay_every is None:
-        lebm = kind == "image" and args.sampler == "langevin"
         args.lr_decay_every = math.ceil(TRAIN_SIZE[args.dataset] / args.batch_size) if lebm else 1000
     if kind == "toy" and args.nz != 2:
         raise common.UserError("the toy's latent is 2-D: drop --nz")
     if kind == "toy" and args.flip:
         raise common.UserError("--flip applies to images: drop it for a toy")
-    common.check_positive(args, "batch_size", "nz", "ngf", "ndf", "nxemb", "sigma", "post_step_size",
-                          "prior_step_size", "eval_prior_step_size", "slow_every", "q_lr", "g_lr", "e_lr",
-                          "lr_decay", "lr_decay_every", "slow_rate", "eval_every", "eval_x", "eval_z", "eval_prior_x",
-                          "arms")
+    common.check_positive(args, "batch_size", "nz", "ngf", "ndf", "nxemb", "sigma", "post_step_size", "prior_step_size",
+                          "eval_prior_step_size", "slow_every", "q_lr", "g_lr", "e_lr", "lr_decay", "lr_decay_every",
+                          "slow_rate", "eval_every", "eval_x", "eval_z", "eval_prior_x", "arms")
     if args.q_width < 2 or args.q_width % 2:
         raise common.UserError(f"--q-width must be an even number >= 2 (got {args.q_width})")
     if args.q_steps < 2:
@@ -237,13 +228,10 @@ def toy_latent(args, n, generator=None):
 
 
 def toy_batch(args, g, n, device, generator=None):
-    """x = g(z) + sigma * noise with z from the true latent distribution -> (x [n, 2], z [n, 2]).
-    The observation noise is drawn on the device unless a CPU generator is given."""
+    """x = g(z) + sigma * noise, z from the true latent -> (x [n, 2], z [n, 2]); the noise is drawn on
+    the device unless a CPU generator is given."""
     z = toy_latent(args, n, generator).to(device)
-    if generator is None:
-        noise = torch.randn(n, 2, device=device)
-    else:
-        noise = torch.randn(n, 2, generator=generator).to(device)
+    noise = torch.randn(n, 2, device=device) if generator is None else torch.randn(n, 2, generator=generator).to(device)
     with torch.no_grad():
         return g(z) + args.sigma * noise, z
 
@@ -260,11 +248,9 @@ def image_data(args, split="train", collective=True):
 # ======================================================================================
 
 def generator(nz, out_ch, ngf, size, start=4):
-    """The authors' generator g_beta: z [B, nz] -> image [B, out_ch, size, size] in (-1, 1);
-    LeakyReLU 0.2, no normalisation. A start x start transposed conv to 8 ngf channels, then
-    stride-2 4 x 4 transposed convs halving the width up to `size`. start=4 (authors' SVHN,
-    CelebA-64): the last of them outputs the image; start=8 (authors' CIFAR-10): they end at
-    2 ngf channels and a 3 x 3 transposed conv outputs the image."""
+    """The authors' generator g_beta: z [B, nz] -> image [B, out_ch, size, size] in (-1, 1), LeakyReLU 0.2,
+    no normalisation. start=4 (authors' SVHN, CelebA-64): the last stride-2 layer outputs the image;
+    start=8 (authors' CIFAR-10): a 3 x 3 transposed conv from 2 ngf channels does."""
     n_up = int(math.log2(size // start))
     width = 8 * ngf
     layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width, start, 1, 0)]
@@ -278,9 +264,8 @@ def generator(nz, out_ch, ngf, size, start=4):
 
 
 def x_encoder(out_dim, in_ch, ndf, size):
-    """The authors' x-encoder of q: image [B, in_ch, size, size] -> [B, out_dim]. A 3 x 3 conv to
-    ndf channels, then stride-2 4 x 4 convs (2, 4, 8, 8, ... x ndf) down to 4 x 4, each followed by
-    InstanceNorm (affine) and LeakyReLU 0.2, then a 4 x 4 conv to out_dim."""
+    """The authors' x-encoder of q: image [B, in_ch, size, size] -> [B, out_dim]; convs down to 4 x 4
+    (ndf, 2, 4, 8, 8, ... x ndf channels), then a 4 x 4 conv to out_dim."""
     layers = [nn.Conv2d(in_ch, ndf, 3, 1, 1), nn.InstanceNorm2d(ndf, affine=True), nn.LeakyReLU(0.2)]
     width = ndf
     for i in range(int(math.log2(size // 4))):
@@ -306,12 +291,9 @@ class ContextLinear(nn.Module):
 
 
 class EpsNet(nn.Module):
-    """q's noise predictor eps_hat(z_lambda, lambda, c) = z_lambda + U(...) (residual, as the authors).
-
-    z [B, nz], logsnr [B], c [B, nxemb] (x-encoding or prior embedding) -> [B, nz]. Input: Fourier
-    features [sin 2 pi zB, cos 2 pi zB, z] with a learned B [nz, nz/2]; ContextLinear layers of
-    widths w/2, w, w (down), w (middle), w, w/2, nz (up, each fed the matching down output),
-    LeakyReLU 0.01 between them; context = [time embedding, c]."""
+    """q's noise predictor eps_hat(z_lambda, lambda, c) = z_lambda + U(...) (residual, as the authors):
+    z [B, nz], logsnr [B], c [B, nxemb] (x-encoding or prior embedding) -> [B, nz]. A U-net of
+    ContextLinear layers on Fourier features of z, with context [time embedding, c]."""
 
     def __init__(self, nz, nxemb, width, ntemb=128):
         super().__init__()
@@ -354,8 +336,7 @@ class DiffusionSampler(nn.Module):
         self.eps_net = EpsNet(nz, nxemb, width)
 
     def condition(self, x=None, n=None, p_mask=0.0, amp="none"):
-        """[B, nxemb] fp32: the x-encoding, each row replaced with probability p_mask (x None:
-        always) by the prior embedding of fresh noise."""
+        """[B, nxemb] fp32: the x-encoding, each row replaced w.p. p_mask (x None: always) by the prior embedding."""
         dev = x.device if x is not None else next(self.parameters()).device
         with common.autocast(amp, dev):
             if x is None:
@@ -445,12 +426,6 @@ def q_loss(q, x, z, p_mask=0.0, amp="none"):
     return 0.5 * ((eps - eps_hat) ** 2).sum(1).mean()
 
 
-def e_loss(E, z_pos, z_neg):
-    """Background: delta_alpha = E_{p(z|x)}[grad f] - E_{p(z)}[grad f]; with E = -f the loss to
-    descend is mean E(z+) - mean E(z-) (posterior samples' energy down, prior samples' up)."""
-    return energy(E, z_pos).mean() - energy(E, z_neg).mean()
-
-
 # ======================================================================================
 # Sampler
 # ======================================================================================
@@ -490,11 +465,11 @@ def sample_prior(z0, E, n_steps, s, mala=False):
     return common.langevin(lambda z: log_prior(z, E), z0, n_steps, s, mh=mala)
 
 
-def chain_start(x, model, args):
-    """Amortizing MCMC (a): the posterior chains start from the current sampler q_{phi_{k-1}}
-    (its slow copy, authors) under DAMC, from N(0, I) under the LEBM baseline."""
+def chain_start(x, q, args):
+    """Amortizing MCMC (a): the posterior chains start from the sampler q (in training the current
+    q_{phi_{k-1}}, its slow copy as the authors) under DAMC, from N(0, I) under the LEBM baseline."""
     if args.sampler == "damc":
-        return q_sample(model["q_slow"], x=x, n_steps=args.q_steps, amp=args.amp)
+        return q_sample(q, x=x, n_steps=args.q_steps, amp=args.amp)
     return torch.randn(len(x), args.nz, device=x.device)
 
 
@@ -529,7 +504,7 @@ def damc_iteration(x, model, opts, args, step):
     (no host sync: the caller reads them at log intervals)."""
     g, E, q, q_slow = model["g"], model["E"], model["q"], model["q_slow"]
     set_learning_rates(opts, args, step)
-    z0 = chain_start(x, model, args)
+    z0 = chain_start(x, q_slow, args)
     # ... K_T q_{phi_{k-1}}: T-step short-run posterior Langevin (target of the sampler and of g, E).
     z_pos, info = sample_posterior(z0, x, g, E, args.sigma, args.post_steps, args.post_step_size, trace=True,
                                    amp=args.amp)
@@ -548,21 +523,28 @@ def damc_iteration(x, model, opts, args, step):
     recon = ((x - generate_x(g, z_pos, args.amp)) ** 2).flatten(1).sum(1).mean()
     if "g" in opts:
         optimizer_step(opts["g"], g, recon, args.grad_clip)
-    with torch.no_grad():
-        e_pos, e_neg = energy(E, z_pos).mean(), energy(E, z_neg).mean()
-    loss_e = e_loss(E, z_pos, z_neg)
+    # Background: delta_alpha = E_{p(z|x)}[grad f] - E_{p(z)}[grad f]; with E = -f the loss to descend is
+    # mean E(z+) - mean E(z-) (posterior samples' energy down, prior samples' up).
+    e_pos, e_neg = energy(E, z_pos).mean(), energy(E, z_neg).mean()
+    loss_e = e_pos - e_neg
     optimizer_step(opts["E"], E, loss_e, args.grad_clip)
     # The slow copy follows q every slow_every iterations (not a per-step EMA; authors).
     if (step + 1) % args.slow_every == 0:
         common.ema_update(q_slow, q, 1 - args.slow_rate)
-    return {"loss_q": loss_q.detach(), "recon": recon.detach(), "loss_e": loss_e.detach(), "e_data": e_pos,
-            "e_sample": e_neg, "grad_norm": info["grad_norm"][-1].mean() if len(info["grad_norm"]) else
+    return {"loss_q": loss_q.detach(), "recon": recon.detach(), "loss_e": loss_e.detach(), "e_data": e_pos.detach(),
+            "e_sample": e_neg.detach(), "grad_norm": info["grad_norm"][-1].mean() if len(info["grad_norm"]) else
             torch.zeros((), device=x.device)}
 
 
 # ======================================================================================
 # Evaluation
 # ======================================================================================
+
+def recon_steps(args):
+    """Noise-free posterior steps of a reconstruction: --recon-steps after q(x) under DAMC (authors);
+    the LEBM baseline's own inference, --post-steps from N(0, I)."""
+    return args.recon_steps if args.sampler == "damc" else args.post_steps
+
 
 def recon_mse(x, z0, g, E, sigma, n_steps, s, amp="none"):
     """Per-image reconstruction MSE [B]: z0 refined by n_steps noise-free posterior steps,
@@ -583,21 +565,25 @@ def exact_posterior_grid(g, E, lim=4.0, n=300):
         return grid, log_prior(grid, E), g(grid), h
 
 
-def exact_posterior_sample(x, grid_info, sigma, n):
-    """n exact draws from p(z | x) (x [2]): a grid cell with probability prop. to p(z)p(x|z),
+def grid_sample(grid_info, log_mass, n):
+    """n exact draws from the density whose log mass on the grid is log_mass: a cell by its mass,
     then a uniform position inside it."""
-    grid, log_pz, gz, h = grid_info
-    logw = log_pz - ((x - gz) ** 2).sum(1) / (2 * sigma ** 2)
-    idx = torch.multinomial(torch.softmax(logw.double(), 0).float(), n, replacement=True)
+    grid, h = grid_info[0], grid_info[3]
+    idx = torch.multinomial(torch.softmax(log_mass.double(), 0).float(), n, replacement=True)
     return grid[idx] + h * (torch.rand(n, 2, device=grid.device) - 0.5)
+
+
+def exact_posterior_sample(x, grid_info, sigma, n):
+    """n exact draws from p(z | x) (x [2]): grid_sample with the cells weighted by p(z) p(x | z)."""
+    _, log_pz, gz, _ = grid_info
+    return grid_sample(grid_info, log_pz - ((x - gz) ** 2).sum(1) / (2 * sigma ** 2), n)
 
 
 def true_grid_log_mass(args, grid_info, n_r=3000, n_t=300):
     """log of the TRUE latent's probability of each grid cell [n*n] (cells of exact_posterior_grid),
-    renormalised on the grid. pinwheel: common.pinwheel_sample's Gaussian (r, t) (radial std 0.3,
-    tangential std 0.1, rate 0.25) pushed through its map z = 2 R(2 pi arm / arms + 0.25 e^r) (r, t),
-    integrated by a midpoint rule over r, t within 6 std (n_r x n_t points per arm) and binned into the
-    cells; the pinwheel's mass outside [-4, 4]^2 is 4e-4. Other toys: common.toy_log_prob at the cell centres."""
+    renormalised on the grid. pinwheel: common.pinwheel_sample's Gaussian (r, t) pushed through its map
+    z = 2 R(2 pi arm / arms + 0.25 e^r) (r, t), integrated by a midpoint rule within 6 std and binned into
+    the cells (the mass outside [-4, 4]^2 is 4e-4). Other toys: common.toy_log_prob at the cell centres."""
     grid, h = grid_info[0], grid_info[3]
     if args.dataset != "pinwheel":
         return torch.log_softmax(common.toy_log_prob(args.dataset, grid.cpu()).to(grid.device), 0)
@@ -630,14 +616,6 @@ def grid_log_px(x, log_mass, gz, sigma, chunk=128):
     return torch.cat(out, -1)
 
 
-def grid_sample(grid_info, log_mass, n):
-    """n exact draws from the prior whose log mass on the grid is log_mass: a cell by its mass,
-    then a uniform position inside it."""
-    grid, h = grid_info[0], grid_info[3]
-    idx = torch.multinomial(torch.softmax(log_mass.double(), 0).float(), n, replacement=True)
-    return grid[idx] + h * (torch.rand(n, 2, device=grid.device) - 0.5)
-
-
 def reference_log_px(grid_info, true_log_mass, x_held, sigma):
     """log p(x) [2, K] of the held-out observations x_held [K, 2] under the TRUE prior and under
     N(0, I), both exact on the grid (fixed over training: computed once)."""
@@ -647,13 +625,12 @@ def reference_log_px(grid_info, true_log_mass, x_held, sigma):
 
 
 def prior_fit_eval(grid_info, reference, x_held, z_true, sigma):
-    """How close the learned prior (its log density on the grid in grid_info) is to the true latent
-    distribution, with g and sigma at the truth. log_px_gap = mean over the held-out x [K, 2] of
-    log p(x) under the learned prior minus log p(x) under the true one (reference = reference_log_px:
-    [true, N(0, I)]); nats, an estimate of -KL(p_true(x) || p_model(x)), so <= 0 up to grid and
-    sampling error; log_px_gap_gaussian the same for the N(0, I) prior. prior_mmd = MMD^2 between
-    exact grid draws of the learned prior and the true latents z_true [N, 2].
-    Returns (metrics, the grid draws of the learned prior)."""
+    """How close the learned prior (its log density on the grid in grid_info) is to the true latent, with g
+    and sigma at the truth. log_px_gap: mean over the held-out x [K, 2] of log p(x) under the learned prior
+    minus under the true one (reference = reference_log_px), in nats an estimate of -KL(p_true(x) ||
+    p_model(x)), so <= 0 up to grid and sampling error; log_px_gap_gaussian: the same for N(0, I);
+    prior_mmd: MMD^2 between the learned prior's exact grid draws and the true latents z_true [N, 2].
+    Returns (metrics, those draws)."""
     log_mass = torch.log_softmax(grid_info[1].double(), 0)  # the midpoint rule: a cell's mass prop. to its density
     log_px = grid_log_px(x_held, log_mass, grid_info[2], sigma)
     z_ebm = grid_sample(grid_info, log_mass, len(z_true))
@@ -662,86 +639,62 @@ def prior_fit_eval(grid_info, reference, x_held, z_true, sigma):
             "prior_mmd": common.mmd_rbf(z_ebm, z_true)}, z_ebm
 
 
-def toy_posterior_eval(model, args, x_eval, grid_info=None):
-    """Mean over the observations x_eval [K, 2] of MMD^2 (common.mmd_rbf) between each
-    sampler's posterior samples and exact ones. DAMC: q(z | x) alone (100 ancestral steps);
-    Langevin: post_steps short-run chains from N(0, I) (the LEBM sampler). Also returns the
-    samples pooled over x, for the picture."""
+def toy_posterior_eval(model, args, x_eval, grid_info):
+    """Mean over the observations x_eval [K, 2] of MMD^2 (common.mmd_rbf) to exact posterior samples,
+    of DAMC's q(z | x) alone and of post_steps short-run Langevin chains from N(0, I) (the LEBM
+    sampler). Also returns the samples pooled over x, for the picture."""
     g, E, q = model["g"], model["E"], model["q"]
     m = args.eval_z
     x_rep = x_eval.repeat_interleave(m, 0)
     z_q = q_sample(q, x=x_rep, n_steps=args.q_steps, amp=args.amp)
     z_ld = sample_posterior(torch.randn_like(z_q), x_rep, g, E, args.sigma, args.post_steps, args.post_step_size)
-    grid_info = exact_posterior_grid(g, E) if grid_info is None else grid_info
     z_ex = torch.cat([exact_posterior_sample(x, grid_info, args.sigma, m) for x in x_eval])
-    d_q, d_ld = [], []
-    for k in range(len(x_eval)):
-        rows = slice(k * m, (k + 1) * m)
-        d_q.append(common.mmd_rbf(z_q[rows], z_ex[rows]))
-        d_ld.append(common.mmd_rbf(z_ld[rows], z_ex[rows]))
-    return {"post_dist_damc": float(np.mean(d_q)), "post_dist_langevin": float(np.mean(d_ld))}, (z_ex, z_q, z_ld)
 
-
-def toy_picture(path, z_true, z_ebm, pooled):
-    """Panels: true latent, EBM prior (exact grid draws), exact posterior, DAMC q, short-run Langevin."""
-    z_ex, z_q, z_ld = pooled
-    common.save_toy_panels(path, [("true latent", z_true), ("EBM prior", z_ebm), ("exact posterior", z_ex),
-                                  ("DAMC q(z|x)", z_q), ("short-run LD", z_ld)], lim=4.0, axis="z")
-
-
-def q_trained(args):
-    """Whether q learns in this run (the LEBM baseline on images does not update it)."""
-    return args.q_updates > 0
+    def dist(z):  # mean over x of MMD^2 to that x's exact draws
+        return float(np.mean([common.mmd_rbf(z_x, z_ex_x) for z_x, z_ex_x in zip(z.split(m), z_ex.split(m))]))
+    return {"post_dist_damc": dist(z_q), "post_dist_langevin": dist(z_ld)}, (z_ex, z_q, z_ld)
 
 
 def generate(model, args, n, device, batch=250):
-    """n >= 1 samples drawn by this process: (x_q, z_q) from q's prior branch through g (None when
-    q is not trained) and (x_ebm, z_ebm) from EBM-prior Langevin."""
-    g, E, q = model["g"], model["E"], model["q"]
+    """n >= 1 samples drawn by this process: (x_q, z_q) from q's prior branch through g (None when q
+    is not trained: the LEBM baseline on images) and (x_ebm, z_ebm) from EBM-prior Langevin."""
     zq, ze = [], []
     for k in range(0, n, batch):
         b = min(batch, n - k)
-        if q_trained(args):
-            zq.append(q_sample(q, n=b, n_steps=args.q_steps, amp=args.amp))
-        ze.append(sample_prior(torch.randn(b, args.nz, device=device), E, args.eval_prior_steps,
+        if args.q_updates > 0:
+            zq.append(q_sample(model["q"], n=b, n_steps=args.q_steps, amp=args.amp))
+        ze.append(sample_prior(torch.randn(b, args.nz, device=device), model["E"], args.eval_prior_steps,
                                args.eval_prior_step_size, args.prior_mala))
-    ze = torch.cat(ze)
+    zq, ze = torch.cat(zq) if zq else None, torch.cat(ze)
     with torch.no_grad():
-        xe = torch.cat([generate_x(g, z, args.amp) for z in ze.split(batch)])
-        if not zq:
-            return None, None, xe, ze
-        zq = torch.cat(zq)
-        return torch.cat([generate_x(g, z, args.amp) for z in zq.split(batch)]), zq, xe, ze
+        xe = torch.cat([generate_x(model["g"], z, args.amp) for z in ze.split(batch)])
+        xq = torch.cat([generate_x(model["g"], z, args.amp) for z in zq.split(batch)]) if zq is not None else None
+    return xq, zq, xe, ze
 
 
 def image_eval(model, args, device):
     """A collective under torchrun: every rank draws its share of the FID samples; rank 0 gathers
     them and computes fid_q, fid_ebm and mse_recon. Returns (metrics, arrays) on rank 0, None elsewhere."""
-    n = max(args.fid_samples, 64)
-    xq, zq, xe, ze = generate(model, args, common.rank_share(n), device)
-    xe, ze = common.gather_rows(xe), common.gather_rows(ze)
-    if q_trained(args):
-        xq, zq = common.gather_rows(xq), common.gather_rows(zq)
+    samples = generate(model, args, common.rank_share(max(args.fid_samples, 64)), device)
+    xq, zq, xe, ze = [common.gather_rows(s) if s is not None else None for s in samples]
     if not common.is_main():
         return None
     metrics = {}
     if args.fid_samples > 0:  # against --fid-split, its statistics cached under DATA_DIR/fid_stats
-        if xq is not None:
-            metrics["fid_q"] = common.fid_vs_data(xq[:args.fid_samples], args.dataset, args.data_dir,
-                                                  args.fid_split, device)
-        metrics["fid_ebm"] = common.fid_vs_data(xe[:args.fid_samples], args.dataset, args.data_dir,
-                                                args.fid_split, device)
-    test = image_data(args, "test", collective=False) if args.recon_images > 0 else None
+        for name, x in (("fid_q", xq), ("fid_ebm", xe)):
+            if x is not None:
+                metrics[name] = common.fid_vs_data(x[:args.fid_samples], args.dataset, args.data_dir,
+                                                   args.fid_split, device)
     if args.recon_images > 0:
+        test = image_data(args, "test", collective=False)
         errs, starts = [], []
         for k in range(0, args.recon_images, 100):
             xb = common.to_float(test[k:min(k + 100, args.recon_images)]).to(device)
-            if args.sampler == "damc":  # q(x) + recon_steps noise-free steps (authors)
-                z0, steps = q_sample(model["q"], x=xb, n_steps=args.q_steps, amp=args.amp), args.recon_steps
+            z0 = chain_start(xb, model["q"], args)
+            if args.sampler == "damc":  # q(x) + recon_steps noise-free steps (authors); also q(x) alone
                 starts.append(recon_mse(xb, z0, model["g"], model["E"], args.sigma, 0, args.post_step_size, args.amp))
-            else:  # LEBM's own inference: post_steps noise-free steps from N(0, I)
-                z0, steps = torch.randn(len(xb), args.nz, device=device), args.post_steps
-            errs.append(recon_mse(xb, z0, model["g"], model["E"], args.sigma, steps, args.post_step_size, args.amp))
+            errs.append(recon_mse(xb, z0, model["g"], model["E"], args.sigma, recon_steps(args), args.post_step_size,
+                                  args.amp))
         metrics["mse_recon"] = torch.cat(errs).mean().item()
         if starts:  # q's draw alone, before any posterior step: how much of the chain q amortises
             metrics["mse_recon_start"] = torch.cat(starts).mean().item()
@@ -756,10 +709,8 @@ def save_image_picture(path, model, args, x, device):
     its reconstruction (1 row)."""
     xq, _, xe, _ = generate(model, args, 16, device)
     xr = x[:8]
-    z0 = q_sample(model["q"], x=xr, n_steps=args.q_steps, amp=args.amp) if args.sampler == "damc" else \
-        torch.randn(len(xr), args.nz, device=device)
-    z = sample_posterior(z0, xr, model["g"], model["E"], args.sigma, args.recon_steps, args.post_step_size,
-                         noise=False, amp=args.amp)
+    z = sample_posterior(chain_start(xr, model["q"], args), xr, model["g"], model["E"], args.sigma, recon_steps(args),
+                         args.post_step_size, noise=False, amp=args.amp)
     with torch.no_grad():
         rows = ([xq] if xq is not None else []) + [xe, xr, generate_x(model["g"], z, args.amp)]
         common.save_image_grid(path, torch.cat(rows).cpu(), nrow=8)
@@ -788,9 +739,8 @@ def main(argv=None):
     common.print_config(args, nets)  # exits here under --print-config: no data read, no folder touched
     # a checkpoint of another model or objective is refused before data, folder or training
     ckpt = Path(args.out or f"runs/damc_prior-{args.dataset}") / "checkpoint.pt"
-    state = None
-    if (args.resume or args.eval_only) and ckpt.exists():
-        state = common.load_checkpoint(ckpt, "damc_prior", args, must_match=MUST_MATCH)
+    resuming = (args.resume or args.eval_only) and ckpt.exists()
+    state = common.load_checkpoint(ckpt, "damc_prior", args, must_match=MUST_MATCH) if resuming else None
     model = {**nets, "q_slow": common.make_ema(nets["q"])}
     common.seed_everything(args.seed + rank)
     device = common.pick_device(args.device)
@@ -803,9 +753,9 @@ def main(argv=None):
     opts = build_optimizers(model, args)
     batches = None if toy else common.Batches(data, args.batch_size // world, seed=args.seed, device=device,
                                                 workers=min(4, os.cpu_count() or 1))
-    # fixed observations for the toy's posterior distance, the same for every run of the toy
-    x_eval = toy_batch(args, model["g"], args.eval_x, device, torch.Generator().manual_seed(1))[0] if toy else None
-    if toy:  # the prior's fit: held-out observations, true latents and the true prior's mass on the grid
+    if toy:  # fixed observations for the posterior distance, and for the prior's fit held-out observations,
+        # true latents and the true prior's mass on the grid: the same for every run of the toy
+        x_eval = toy_batch(args, model["g"], args.eval_x, device, torch.Generator().manual_seed(1))[0]
         x_held = toy_batch(args, model["g"], args.eval_prior_x, device, torch.Generator().manual_seed(2))[0]
         z_true = toy_latent(args, 2 * args.eval_prior_x, torch.Generator().manual_seed(3)).to(device)
         grid_info = exact_posterior_grid(model["g"], model["E"])
@@ -830,8 +780,10 @@ def main(argv=None):
             dists, pooled = toy_posterior_eval(model, args, x_eval, grid_info)
             fit, z_ebm = prior_fit_eval(grid_info, reference, x_held, z_true, args.sigma)
             dists.update(fit)
-            if common.is_main():
-                toy_picture(out / f"samples_{step}.png", z_true, z_ebm, pooled)
+            if common.is_main():  # the latents: true, EBM prior (exact grid draws), the three posteriors
+                common.save_toy_panels(out / f"samples_{step}.png", [
+                    ("true latent", z_true), ("EBM prior", z_ebm), ("exact posterior", pooled[0]),
+                    ("DAMC q(z|x)", pooled[1]), ("short-run LD", pooled[2])], lim=4.0, axis="z")
         dist_history.append({"step": step, **dists})
         return dists, pooled
 
@@ -874,10 +826,9 @@ def main(argv=None):
         x_data, _ = toy_batch(args, model["g"], 1000, device)
         metrics = {**dists, "mmd": common.mmd_rbf(x_model, x_data)}
         if len(dist_history) > 1:
-            common.save_line_plot(out / "post_dist.png", {k: [h[k] for h in dist_history] for k in dists
-                                                          if k.startswith("post_dist")},
-                                  x=[h["step"] for h in dist_history], xlabel="training step",
-                                  ylabel="MMD$^2$ to the exact posterior", log_y=True,
+            curves = {k: [h[k] for h in dist_history] for k in dists if k.startswith("post_dist")}
+            common.save_line_plot(out / "post_dist.png", curves, x=[h["step"] for h in dist_history],
+                                  xlabel="training step", ylabel="MMD$^2$ to the exact posterior", log_y=True,
                                   title="posterior samples: DAMC's q vs. short-run Langevin")
         arrays = {"x": x_model.cpu().numpy(), "z": z_ebm.cpu().numpy(), "z_post_exact": pooled[0].cpu().numpy(),
                   "z_post_damc": pooled[1].cpu().numpy(), "z_post_langevin": pooled[2].cpu().numpy()}

@@ -1,4 +1,5 @@
 """Tests of damc_prior.py: each piece against an independent answer, plus in-process smoke runs."""
+import argparse
 import json
 import math
 import sys
@@ -514,3 +515,12 @@ def test_image_smoke_without_fid(tmp_path, capsys, sampler):
     with np.load(out / "samples.npz") as f:
         assert f["x"].shape[1:] == (1, 32, 32) and f["z"].shape[1] == 4 and f["z_q"].shape[1] == 4
         assert np.abs(f["x"]).max() <= 1
+
+
+def test_a_reconstruction_takes_its_samplers_own_number_of_steps():
+    # DAMC: q(x) then --recon-steps (authors); the LEBM baseline: --post-steps from N(0, I), in the metric
+    # and in the picture alike.
+    args = argparse.Namespace(sampler="damc", recon_steps=10, post_steps=20)
+    assert damc_prior.recon_steps(args) == 10
+    args.sampler = "langevin"
+    assert damc_prior.recon_steps(args) == 20
