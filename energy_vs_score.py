@@ -1,31 +1,21 @@
 """Should EBMs model the energy or the score? (Salimans & Ho, 2021)
-https://openreview.net/forum?id=9AS-TF2jRNb (ICLR 2021 EBM workshop; paper text in
-shared/papers/energy_vs_score.txt).
+https://openreview.net/forum?id=9AS-TF2jRNb (ICLR 2021 EBM workshop; text in shared/papers/energy_vs_score.txt).
 
-What is implemented: the paper's whole controlled comparison on top of DDPM (Ho et al.
-2020): linear betas 1e-4..0.02, T = 1000, the epsilon-prediction loss, ancestral
-sampling (Eq. 3), EMA, gradient clipping and warm-up; and the three noise models
+The paper's controlled comparison on top of DDPM (Ho et al. 2020: linear betas 1e-4..0.02, T = 1000,
+the epsilon-prediction loss, ancestral sampling (Eq. 3), EMA, gradient clipping, warm-up) of three noise models
   A  unconstrained U-Net   eps_hat = x - f(x, t)                       (Eq. 6, first term)
   B  energy U-Net          E = ||x - f(x, t)||^2 / (2 sigma_t)          (Eq. 5)
                            eps_hat = sigma_t grad_x E                   (Eq. 6, both terms)
   C  energy ResNet         E = g(x, t) / sigma_t, g a classifier-style ResNet (no input
                            short-cuts), eps_hat = sigma_t grad_x E
-where A and B use the same network f (same code, same initial weights: DDPM's
-initialisation, `ddpm_init`). 2-D toys use MLP versions (f: R^2 -> R^2 for A and B,
-g: R^2 -> R for C). Section 2's conservativeness is measured (`--diagnose`): the relative
-asymmetry ||J - J^T||_F / ||J||_F of the Jacobian of eps_hat by random projections, and the
-circulation of eps_hat around small loops, per noise level t. `--model all` trains A, B
-and C on the same batches, noise and budget and prints the comparison table (Table 1).
+where A and B share f (same code, same initial weights: DDPM's, `ddpm_init`); 2-D toys use MLPs.
+`--model all` trains A, B and C on the same batches, noise and budget and prints Table 1's comparison.
+`--diagnose` measures Section 2's conservativeness per noise level t: the asymmetry ||J - J^T||_F / ||J||_F
+of eps_hat's Jacobian (random projections) and eps_hat's circulation around small loops.
+Sampling is Eq. 3 (a Langevin step with s^2 = 2 beta_t, the paper's "resembles"), on images with x_0
+clipped to [-1, 1] (--clip-x0, DDPM's). docs/energy_vs_score.md has the rest.
 
-Sampling is DDPM ancestral sampling (Eq. 3), not Langevin dynamics: x <- (x + beta_t score) /
-sqrt(alpha_t) + sqrt(beta_t) noise, score = -eps_hat / sigma_t (a Langevin step with s^2 = 2 beta_t,
-the paper's word "resembles"); on images x_0 is clipped to [-1, 1] in each step (--clip-x0, DDPM's).
---preset paper (CIFAR-10's default): DDPM's protocol, FID of 50,000 samples (1000 steps, EMA, x_0
-clipped) against the 50,000 training images, IS where torch-fidelity's weights exist; mnist,
-fashion and celeba have the same preset (not in the paper). docs/energy_vs_score.md has the rest.
-
-Offline demo (8gaussians; 3000 steps of each model, then 2000 samples per model with a
-200-step strided sampler; docs/energy_vs_score.md gives measured numbers and times):
+Offline demo (8gaussians; 3000 steps of each model, 2000 samples each with a 200-step strided sampler):
     python energy_vs_score.py --model all
     -> about 1 min on a 2-core CPU: A mmd 0.0031, B 0.0022, C 0.0164 (C worse, as in
        Table 1); B_asym, C_asym ~1e-16 (floating point), A_asym 0.08.
@@ -33,7 +23,9 @@ Section 2's diagnostics per noise level on untrained (or, with --eval-only, trai
     python energy_vs_score.py --model all --steps 0 --diagnose
 Fashion-MNIST (small U-Net, 16 channels, batch 16; 0.1 s per B step on a 2-core CPU):
     python energy_vs_score.py --dataset fashion --model B --steps 500
-Full reproduction (CIFAR-10, --preset paper is its default; one GPU per model, days):
+Full reproduction (CIFAR-10, --preset paper is its default: DDPM's FID of 50,000 samples, 1000 steps,
+EMA, against the 50,000 training images; one GPU per model, days; mnist, fashion, celeba have the
+same preset, not in the paper):
     python energy_vs_score.py --dataset cifar10 --model all
     torchrun --nproc_per_node=8 energy_vs_score.py --dataset cifar10 --model B
 """
@@ -60,9 +52,9 @@ MODELS = {"A": "A", "unconstrained": "A", "unconstrained_unet": "A",
           "C": "C", "energy_resnet": "C", "energy-resnet": "C", "all": "all"}
 
 # Defaults that differ between 2-D toys and images (flags left at None get these).
-TOY_DEFAULTS = dict(steps=3000, batch_size=512, lr=1e-3, warmup=200, ema=0.995, ch=128,
-                    depth=3, dropout=0.0, sample_steps=200, eval_samples=2000, sample_batch=2000,
-                    clip_x0=False, pad_to_32=False)
+TOY_DEFAULTS = dict(steps=3000, batch_size=512, lr=1e-3, warmup=200, ema=0.995, ch=128, depth=3, dropout=0.0,
+                    sample_steps=200, eval_samples=2000, sample_batch=2000, clip_x0=False, pad_to_32=False,
+                    diag_batch=256, diag_probes=8)
 IMAGE_DEFAULTS = dict(steps=500, batch_size=16, lr=2e-4, warmup=100, ema=0.999, ch=16,
                       ch_mult="1,2,2", num_res_blocks=1, attn_res="", c_blocks=5, dropout=0.1,
                       sample_steps=50, sample_batch=256, clip_x0=True, pad_to_32=False)
@@ -95,67 +87,52 @@ def parse_args(argv=None):
     p.add_argument("--beta-1", type=float, default=1e-4, help="first beta of the linear schedule (paper: 1e-4)")
     p.add_argument("--beta-T", type=float, default=0.02, help="last beta of the linear schedule (paper: 0.02)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 2e-4; toys 1e-3)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="linear lr warm-up steps (paper: 5000; images here 100, toys 200)")
+    p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up (paper: 5000; images 100, toys 200)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (paper: 1.0)")
     p.add_argument("--ema", type=float, default=None,
-                   help="EMA decay of the sampling weights (paper: 0.9999; images here 0.999, toys 0.995; "
-                        "use ~0.999 for runs under 50k steps)")
+                   help="EMA decay (paper: 0.9999; images 0.999, toys 0.995; ~0.999 for runs under 50k steps)")
     p.add_argument("--ch", type=int, default=None,
-                   help="U-Net/ResNet base channels (paper: 128; images here 16) or MLP width on toys (128)")
+                   help="U-Net/ResNet base channels (paper: 128; images 16) or MLP width on toys (128)")
     p.add_argument("--ch-mult", default=None,
-                   help="channel multipliers per level (paper: 1,2,2,2; images here 1,2,2); the image size "
-                        "must be divisible by 2^(levels - 1)")
+                   help="channel multipliers per level (paper: 1,2,2,2; images 1,2,2); size divisible by 2^(levels-1)")
     p.add_argument("--num-res-blocks", type=int, default=None, help="U-Net res blocks per level (paper: 2; here 1)")
     p.add_argument("--attn-res", default=None,
-                   help="resolutions (px) with self-attention in the U-Net, besides the middle block's "
-                        "(paper: 16; here none)")
+                   help="U-Net resolutions (px) with self-attention besides the middle block (paper: 16; here none)")
     p.add_argument("--c-blocks", type=int, default=None,
-                   help="model C: ResNet blocks per level (8 under --preset paper: 34.8M parameters vs. the "
-                        "U-Net's 35.7M; here 5)")
+                   help="model C: ResNet blocks per level (paper preset 8: 34.8M parameters vs. the U-Net's 35.7M; 5)")
     p.add_argument("--depth", type=int, default=None, help="toys: hidden layers of the MLPs (3)")
     p.add_argument("--dropout", type=float, default=None, help="U-Net dropout (paper: 0.1; toys 0)")
     p.add_argument("--pad-to-32", action=argparse.BooleanOptionalAction, default=None,
-                   help="mnist/fashion: pad the 28 px images to 32 (default: off; on under --preset paper, "
-                        "whose 4-level U-Net needs a size divisible by 8)")
+                   help="mnist/fashion: pad 28 px to 32 (off; on under --preset paper, whose 4 levels need it)")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="ancestral steps for evaluation (paper: 1000; images here 50, toys 200); fewer = "
-                        "strided (respaced) sampling")
+                   help="ancestral steps in evaluation (paper: 1000; images 50, toys 200); fewer = respaced")
     p.add_argument("--var", default="large", choices=["large", "small"],
                    help="reverse variance of Eq. 3: beta_t (large, DDPM's CIFAR-10 choice) or the posterior's")
     p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
-                   help="clip the predicted x_0 to [-1, 1] in each sampling step (DDPM's sampler for its FID; "
-                        "default: on for images, off for toys, which are not in [-1, 1])")
+                   help="clip the predicted x_0 to [-1, 1] in each sampling step (DDPM's; on for images, off for toys)")
     p.add_argument("--sample-batch", type=int, default=None,
-                   help="samples drawn at once per GPU in evaluation (images 256, toys 2000; not in the paper); "
-                        "lower it if B or C run out of memory")
+                   help="samples drawn at once per GPU (images 256, toys 2000); lower it if B or C run out of memory")
     p.add_argument("--eval-samples", type=int, default=None,
                    help="samples per model for the metrics (toys 2000; images: --fid-samples, at least 16)")
     p.add_argument("--diagnose", action="store_true",
-                   help="only the conservativeness diagnostics (Jacobian asymmetry and loop circulation per t; "
-                        "with --steps 0 on untrained models)")
+                   help="only the conservativeness diagnostics per t (with --steps 0: on untrained models)")
     p.add_argument("--diag-t", default="1,10,100,300,600,1000",
                    help="noise levels t (1..T, the paper's indexing) for the diagnostics")
-    p.add_argument("--diag-batch", type=int, default=None,
-                   help="points per level for the diagnostics (toys 256, images 4)")
+    p.add_argument("--diag-batch", type=int, default=None, help="points per level (toys 256, images 4)")
     p.add_argument("--diag-probes", type=int, default=None,
                    help="random projections per point (Hutchinson; toys 8, images 2: float64 on CPU is slow)")
-    # The presets of data sets the paper does not report apply only when asked for, so that
-    # e.g. --dataset fashion stays the CPU-sized run (common.parse_args makes 'paper' the
-    # default for every image data set it is given a preset for).
+    # Presets of data sets the paper does not report apply only when asked for, so that e.g. --dataset
+    # fashion stays the CPU-sized run (common.parse_args makes 'paper' the default of every preset it gets).
     asked = p.parse_args(argv).preset == "paper"
     args = common.parse_args(p, PRESETS if asked else {k: PRESETS[k] for k in REPORTED}, argv)
     args.model = MODELS[args.model]
     toy = args.dataset in common.TOYS
-    for key, value in (TOY_DEFAULTS if toy else IMAGE_DEFAULTS).items():
+    # images: --eval-samples is the FID sample count (a 16-image grid when 0)
+    defaults = TOY_DEFAULTS if toy else dict(IMAGE_DEFAULTS, eval_samples=max(args.fid_samples, 16), diag_batch=4,
+                                             diag_probes=2)
+    for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.eval_samples is None:  # images: the FID sample count (a 16-image grid when 0)
-        args.eval_samples = max(args.fid_samples, 16)
-    if args.diag_batch is None:
-        args.diag_batch = 256 if toy else 4
-    if args.diag_probes is None:
-        args.diag_probes = 8 if toy else 2
     check_args(args, toy)
     return args
 
@@ -181,19 +158,16 @@ def check_args(args, toy):
                                "does not support: drop --compile (with --model all it compiles A only)")
     if args.pad_to_32 and args.dataset not in ("mnist", "fashion"):
         raise common.UserError(f"--pad-to-32 is for the 28 px mnist/fashion, not {args.dataset}: drop it")
-    if toy:
-        if args.clip_x0:
-            raise common.UserError("--clip-x0 clips to the image range [-1, 1], which a 2-D toy is not in: "
-                                   "drop it")
-        return
-    check_levels(args, common.image_shape(args.dataset, args.pad_to_32)[-1])
+    if toy and args.clip_x0:
+        raise common.UserError("--clip-x0 clips to the image range [-1, 1], which a 2-D toy is not in: drop it")
+    if not toy:
+        check_levels(args, common.image_shape(args.dataset, args.pad_to_32)[-1])
 
 
 def check_levels(args, size):
-    """The U-Net halves the image len(ch_mult) - 1 times and its up path doubles it back
-    onto each skip, so the size must be divisible by 2^(levels - 1) (28 px and 4 levels:
-    28 -> 14 -> 7 -> 4, and the 8 px upsample cannot meet the 7 px skip); attention
-    resolutions must be ones the U-Net visits. Model C avg-pools and needs >= 1 px."""
+    """The U-Net halves the image len(ch_mult) - 1 times and doubles it back onto each skip, so the
+    size must be divisible by 2^(levels - 1) (28 -> 14 -> 7 -> 4 cannot meet the 7 px skip), and attention
+    resolutions must be ones it visits. Model C avg-pools and needs >= 1 px."""
     try:
         ch_mult = [int(m) for m in args.ch_mult.split(",")]
         attn = [int(r) for r in args.attn_res.split(",") if r.strip()]
@@ -204,9 +178,7 @@ def check_levels(args, size):
         raise common.UserError(f"--ch-mult needs positive multipliers (got '{args.ch_mult}')")
     halvings = len(ch_mult) - 1
     if args.model != "C" and size % 2 ** halvings:
-        sizes = [size]
-        for _ in range(halvings):
-            sizes.append((sizes[-1] + 1) // 2)  # a stride-2 3x3 conv with padding 1: ceil(H / 2)
+        sizes = [math.ceil(size / 2 ** i) for i in range(halvings + 1)]  # stride-2 3x3 convs: ceil(H / 2)
         fix = "add --pad-to-32 or use fewer levels" if size == 28 else "use fewer levels"
         raise common.UserError(
             f"--ch-mult {args.ch_mult} halves the {size} px images {halvings} times "
@@ -224,9 +196,8 @@ def check_levels(args, size):
 # ======================================================================================
 
 def load_data(args):
-    """Images: uint8 [N, C, H, W] (a tensor, or common's lazily read folder for celeba /
-    lsun); mnist/fashion at 28 px unless --pad-to-32. Toys: None (fresh samples are drawn
-    every step from the global torch RNG)."""
+    """Images: uint8 [N, C, H, W] (a tensor, or common's lazily read folder for celeba / lsun).
+    Toys: None (fresh samples are drawn every step from the global torch RNG)."""
     if args.dataset in common.TOYS:
         return None
     x = common.load_images(args.dataset, args.data_dir, "train", pad_to_32=args.pad_to_32)
@@ -257,12 +228,10 @@ class ToyMLP(nn.Module):
 
 
 def ddpm_init(net):
-    """DDPM's initialisation of its U-Net (Ho et al.'s code, diffusion_tf/nn.py): every conv
-    and dense layer variance_scaling(1, 'fan_avg', 'uniform'), i.e. Glorot/Xavier uniform,
-    with zero biases; q, k and v are separate C x C layers there, so the fused qkv conv is
-    initialised in three parts. Scale 1e-10 (DDPM's init_scale=0.) on the output conv, on
-    each residual block's last conv and on each attention's output projection, so f starts
-    near 0 and every block near the identity. GroupNorm keeps (1, 0). Returns net."""
+    """DDPM's initialisation of its U-Net (Ho et al.'s code, diffusion_tf/nn.py): Glorot uniform
+    (variance_scaling(1, 'fan_avg', 'uniform')), zero biases, the fused qkv conv in three parts (DDPM's
+    separate q, k, v); scale 1e-10 (init_scale=0.) on the output conv, each res block's last conv and
+    each attention's output, so f starts near 0 and every block near the identity. Returns net."""
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -286,11 +255,9 @@ def build_net(name, args, shape):
         return ToyMLP(1 if name == "C" else 2, args.ch, args.depth)
     ch_mult = tuple(int(m) for m in args.ch_mult.split(","))
     if name == "C":
-        # Classifier-style: no short-cut from x to the output (spatial sum, inner product
-        # with a vector from the time embedding). SiLU everywhere, also before the sum where
-        # EnergyResNet's default is ReLU: a piecewise-linear E has a piecewise-constant
-        # gradient, i.e. eps_hat would not depend smoothly on x (our choice; the paper gives
-        # no details). Its own initialisation is already Glorot-uniform with zero biases.
+        # Classifier-style: no short-cut from x to the output. SiLU also before the spatial sum (where
+        # EnergyResNet's default is ReLU): a piecewise-linear E would give a piecewise-constant eps_hat
+        # (our choice; the paper gives no details). Its own init is already Glorot uniform, zero biases.
         return common.EnergyResNet(shape[0], args.ch, ch_mult, args.c_blocks, time_embed=True,
                                    act=nn.SiLU(), final_act=nn.SiLU())
     attn = tuple(int(r) for r in args.attn_res.split(",") if r.strip())
@@ -322,14 +289,10 @@ def energy(name, net, x, t, sigma_t, amp="none"):
 
 
 def eps_hat(name, net, x, t, sigma_t, create_graph=False, amp="none"):
-    """The noise prediction eps_hat(x, t) = -sigma_t * score.
-
-    x [B, ...]; t [B] integer level in 0..T-1 (the paper's t - 1); sigma_t [B] =
-    sqrt(1 - alpha_bar_t). create_graph=True (training, diagnostics) keeps the graph of
-    grad_x E so that a loss on eps_hat trains E by double backpropagation; sampling uses
-    False. x must reach the network untouched (no detach, no cast), or grad_x E silently
-    loses the second term of Eq. 6. amp: 'bf16' autocasts the network's forward only.
-    """
+    """The noise prediction eps_hat(x, t) = -sigma_t * score; t [B] in 0..T-1 (the paper's t - 1).
+    create_graph=True (training, diagnostics) lets a loss on eps_hat train E by double backprop.
+    x must reach the network untouched (no detach, no cast), or grad_x E silently loses the
+    second term of Eq. 6."""
     if name == "A":
         with common.autocast(amp, x.device):
             out = net(x, t)
@@ -372,24 +335,21 @@ def ddpm_loss(name, net, sched, x0, t, eps, amp="none"):
 # ======================================================================================
 
 def respaced(sched, n_steps):
-    """The timesteps S (n_steps of 0..T-1, evenly spaced, always including T-1 and 0) and
-    the respaced betas beta'_k = 1 - alpha_bar_{S_k} / alpha_bar_{S_{k-1}} (Nichol &
-    Dhariwal 2021, Sec. 4): DDPM on a sub-sequence. n_steps = T gives DDPM exactly.
-    CPU float64 tensors, wherever sched lives."""
+    """The timesteps S (n_steps of 0..T-1, evenly spaced, with T-1 and 0) and the respaced betas
+    beta'_k = 1 - alpha_bar_{S_k} / alpha_bar_{S_{k-1}} (Nichol & Dhariwal 2021, Sec. 4): DDPM on a
+    sub-sequence; n_steps = T is DDPM exactly. CPU float64 tensors, wherever sched lives."""
     abar_all = sched["alpha_bar"].detach().cpu().double()
-    T = len(abar_all)
-    S = torch.linspace(0, T - 1, n_steps, dtype=torch.float64).round().long().unique()
+    S = torch.linspace(0, len(abar_all) - 1, n_steps, dtype=torch.float64).round().long().unique()
     abar = abar_all[S]
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return S, 1 - abar / abar_prev, abar, abar_prev
 
 
 def reverse_mean(x, eps, beta, abar, abar_prev, clip_x0=False):
-    """The mean of one ancestral step from x_t (Python-float coefficients of the level).
-    Without clipping Eq. 3's (x - beta_t / sigma_t eps) / sqrt(alpha_t). With clip_x0, as
-    DDPM's code samples: x0_hat = (x - sigma_t eps) / sqrt(alpha_bar_t) clipped to [-1, 1],
-    then the mean of the posterior q(x_{t-1} | x_t, x0_hat) (Ho et al. Eq. 7); the two are
-    the same function of x and eps when nothing is clipped."""
+    """The mean of one ancestral step from x_t (Python-float coefficients). Without clipping Eq. 3's
+    (x - beta_t / sigma_t eps) / sqrt(alpha_t); with clip_x0, as DDPM's code samples, the mean of the
+    posterior q(x_{t-1} | x_t, x0_hat) (Ho et al. Eq. 7) at x0_hat = (x - sigma_t eps) / sqrt(alpha_bar_t)
+    clipped to [-1, 1]: the same function of x and eps when nothing is clipped."""
     alpha = 1 - beta
     if not clip_x0:
         return (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(alpha)  # Eq. 3, the mean
@@ -399,10 +359,9 @@ def reverse_mean(x, eps, beta, abar, abar_prev, clip_x0=False):
 
 @torch.no_grad()
 def sample(eps_fn, shape, sched, n_steps, var="large", device="cpu", generator=None, clip_x0=False):
-    """DDPM ancestral sampling (Eq. 3) from x_T ~ N(0, I) with the eps predictor
-    eps_fn(x [B, ...], t [B]) -> [B, ...]; n_steps < T runs it on respaced betas. The
-    noise is drawn on `device` (generator: one of that device, for reproducible draws);
-    the state stays in the default dtype (fp32) whatever precision eps_fn runs in."""
+    """DDPM ancestral sampling (Eq. 3) from x_T ~ N(0, I) with eps_fn(x, t); n_steps < T respaces.
+    The noise is drawn on `device` (generator: one of that device); the state stays in the default
+    dtype (fp32) whatever precision eps_fn runs in."""
     S, beta, abar, abar_prev = (v.tolist() for v in respaced(sched, n_steps))
     x = torch.randn(shape, generator=generator, device=device)
     for k in reversed(range(len(S))):
@@ -417,8 +376,8 @@ def sample(eps_fn, shape, sched, n_steps, var="large", device="cpu", generator=N
 
 
 def model_eps_fn(name, net, sched, amp="none"):
-    sigma = sched["sigma"]
-    return lambda x, t: eps_hat(name, net, x, t, sigma[t].to(x.dtype), amp=amp)
+    """eps_fn(x, t) of model `name` for `sample`."""
+    return lambda x, t: eps_hat(name, net, x, t, sched["sigma"][t].to(x.dtype), amp=amp)
 
 
 # ======================================================================================
@@ -469,9 +428,8 @@ def place_models(nets, args, device):
 
 
 def train(args, models, sched, data, batches, shape, device, out, start, checkpoint, world):
-    """The training loop for every model in `models` on the same batches and noise.
-    Returns False when stopped by a signal (checkpoint saved). Host syncs (.item()) only
-    at log and checkpoint steps."""
+    """The training loop of every model in `models` on the same batches and noise. Returns False when
+    stopped by a signal (checkpoint saved). Host syncs (.item()) only at log and checkpoint steps."""
     logger = common.Logger(out, args.steps, initial=start)
     stop = common.StopFlag()
     losses = {}
@@ -487,23 +445,21 @@ def train(args, models, sched, data, batches, shape, device, out, start, checkpo
         logger.update()
         done = step + 1
         log_now = done % args.log_every == 0 or done == args.steps
+        periodic = done % args.ckpt_every == 0 or done == args.steps
         stopping = stop.should_stop(done)  # every rank agrees (torchrun)
-        ckpt_now = done % args.ckpt_every == 0 or done == args.steps or stopping
-        if log_now or ckpt_now:  # never checkpoint a diverged model
-            sfx = (lambda n: "") if len(models) == 1 else (lambda n: "_" + n)
+        if log_now or periodic or stopping:  # never checkpoint a diverged model
             row = {}
             for name, (loss, gn) in losses.items():
-                row["loss" + sfx(name)], row["grad_norm" + sfx(name)] = loss.item(), gn.item()
+                sfx = "" if len(models) == 1 else "_" + name
+                row["loss" + sfx], row["grad_norm" + sfx] = loss.item(), gn.item()
             common.check_finite(done, "--lr, --grad-clip", **row)
             if log_now:
                 logger.log(done, args.batch_size, lr=lr, **row)
-        periodic = done % args.ckpt_every == 0 or done == args.steps
-        if periodic:
+        if periodic or stopping:
             checkpoint(done)
+        if periodic:
             save_pictures(out, done, models, sched, args, shape, device)
         if stopping:
-            if not periodic:
-                checkpoint(done)
             logger.close()
             return False
     if start >= args.steps:  # nothing to train (--steps 0, or resumed at the end)
@@ -576,10 +532,9 @@ def float64():
 
 
 def diagnose(name, net, sched, args, x0, t_levels, loops=True):
-    """Per level t (1-based): asym = ||J - J^T||_F / ||J||_F of eps_hat (Hutchinson), and
-    circ = the same ratio estimated from loop circulations (E[(w^T A u)^2] =
-    ||A||_F^2 / (d (d - 1)) for antisymmetric A and a random orthonormal pair u, w).
-    Runs in float64 on a copy of the network, so conservative models read ~1e-15."""
+    """Per level t (1-based): asym = ||J - J^T||_F / ||J||_F of eps_hat (Hutchinson), and circ = the
+    same ratio from loop circulations (E[(w^T A u)^2] = ||A||_F^2 / (d (d - 1)) for antisymmetric A and
+    a random orthonormal pair u, w). In float64 on a copy of the net: conservative models read ~1e-15."""
     net64 = copy.deepcopy(net).double().eval()
     gen = torch.Generator().manual_seed(args.seed + 1)
     x0 = x0.double()
@@ -587,32 +542,23 @@ def diagnose(name, net, sched, args, x0, t_levels, loops=True):
     out = {}
     with float64():
         for t1 in t_levels:
-            out.update(_diagnose_level(name, net64, sched, args, x0, t1, loops, gen, d))
-    return out
-
-
-def _diagnose_level(name, net64, sched, args, x0, t1, loops, gen, d):
-    t = torch.full((len(x0),), t1 - 1, dtype=torch.long, device=x0.device)
-    sigma_t = sched["sigma"][t].to(x0.dtype)
-    eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
-    x_t = q_sample(sched, x0, t, eps)
-    fn = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=True)
-    ratio, J_norm = jacobian_asymmetry(fn, x_t, args.diag_probes, gen)
-    out = {f"asym_t{t1}": float(ratio.pow(2).mean().sqrt())}
-    if loops:
-        fn0 = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=False)
-        c = loop_circulation(fn0, x_t, radius=0.1 * float(sigma_t[0]), generator=gen)
-        out[f"circ_t{t1}"] = float((d * (d - 1) * c.pow(2).mean()).sqrt() / J_norm.pow(2).mean().sqrt())
+            t = torch.full((len(x0),), t1 - 1, dtype=torch.long, device=x0.device)
+            sigma_t = sched["sigma"][t].to(x0.dtype)
+            x_t = q_sample(sched, x0, t, torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device))
+            fn = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=True)
+            ratio, J_norm = jacobian_asymmetry(fn, x_t, args.diag_probes, gen)
+            out[f"asym_t{t1}"] = float(ratio.pow(2).mean().sqrt())
+            if loops:
+                fn0 = lambda x: eps_hat(name, net64, x, t, sigma_t, create_graph=False)
+                c = loop_circulation(fn0, x_t, radius=0.1 * float(sigma_t[0]), generator=gen)
+                out[f"circ_t{t1}"] = float((d * (d - 1) * c.pow(2).mean()).sqrt() / J_norm.pow(2).mean().sqrt())
     return out
 
 
 def measure_step(name, net, sched, x0, t, eps, args, device, repeats=3):
-    """(seconds per training step, peak memory of one step in MiB) on a copy of the model.
-
-    peak_mem: on CUDA the allocator's peak during the step above what was allocated
-    before it; on CPU (no allocator statistics) the bytes of the tensors autograd saves
-    during the step (forward and, for B and C, the double-backward graph), counted once
-    per storage: a lower bound of the step's activation memory."""
+    """(seconds per training step, peak memory of one step in MiB) on a copy of the model. Memory: on
+    CUDA the allocator's peak above what was allocated before; on CPU the bytes of the tensors autograd
+    saves (for B and C also the double-backward graph), once per storage: a lower bound."""
     net = copy.deepcopy(net).train()
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     step = lambda: train_step(name, net, opt, sched, x0, t, eps, args.lr, args.grad_clip, args.amp)
@@ -699,8 +645,7 @@ def evaluate(name, m, sched, args, data, shape, device):
         if common.toy_modes(args.dataset) is not None:
             metrics.update(common.mode_stats(x, args.dataset))
     elif args.fid_samples > 0:
-        metrics["fid"] = common.fid_vs_data(x[:args.fid_samples], args.dataset, args.data_dir, args.fid_split,
-                                            device)
+        metrics["fid"] = common.fid_vs_data(x[:args.fid_samples], args.dataset, args.data_dir, args.fid_split, device)
         probs = common.inception_probs(x[:args.fid_samples], device)  # None (and a note) without the weights
         if probs is not None:
             metrics["is"] = common.inception_score(probs)[0]
@@ -715,10 +660,10 @@ def save_pictures(out, step, models, sched, args, shape, device):
                                   shared=False) for name, m in models.items()}
     if len(shape) == 1:
         panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(0)))]
-        common.save_toy_panels(out / f"samples_{step}.png", panels + [(k, v) for k, v in samples.items()])
+        common.save_toy_panels(out / f"samples_{step}.png", panels + list(samples.items()))
     else:
-        common.save_image_grid(out / f"samples_{step}.png", torch.cat(list(samples.values())), nrow=16 if len(
-            samples) > 1 else 8)
+        nrow = 16 if len(samples) > 1 else 8
+        common.save_image_grid(out / f"samples_{step}.png", torch.cat(list(samples.values())), nrow=nrow)
 
 
 def print_table(rows, keys):
@@ -754,9 +699,7 @@ def main(argv=None):
     data = load_data(args)
     out = common.prepare_out_dir(args, "energy_vs_score")
     sched = {k: v.to(device) for k, v in ddpm_schedule(args.T, args.beta_1, args.beta_T).items()}
-    batches = None
-    if data is not None:
-        batches = common.Batches(data, args.batch_size // world, seed=args.seed, device=device)
+    batches = None if data is None else common.Batches(data, args.batch_size // world, seed=args.seed, device=device)
 
     start = 0
     if args.resume or args.eval_only:
@@ -777,20 +720,17 @@ def main(argv=None):
         common.save_checkpoint(out / "checkpoint.pt", state)
 
     if not args.eval_only:
-        finished = train(args, models, sched, data, batches, shape, device, out, start, checkpoint, world)
-        if not finished:
-            return
+        if not train(args, models, sched, data, batches, shape, device, out, start, checkpoint, world):
+            return  # stopped by a signal (checkpoint saved)
 
     rows, x_all = {}, {}
-    for name, m in models.items():
-        if args.diagnose:
-            x0 = heldout_batch(args, data, args.diag_batch, device, args.seed + 3)[0]
-            rows[name] = diagnose(name, m["ema"], sched, args, x0, args.diag_t_list)
-        else:
-            rows[name], x_all[name] = evaluate(name, m, sched, args, data, shape, device)
     if args.diagnose:
+        x0 = heldout_batch(args, data, args.diag_batch, device, args.seed + 3)[0]
+        rows = {name: diagnose(name, m["ema"], sched, args, x0, args.diag_t_list) for name, m in models.items()}
         keys = [f"{k}_t{t}" for t in args.diag_t_list for k in ("asym", "circ")]
     else:
+        for name, m in models.items():
+            rows[name], x_all[name] = evaluate(name, m, sched, args, data, shape, device)
         keys = [k for k in TABLE_KEYS if any(k in r for r in rows.values())]
     print_table(rows, keys)
     if args.eval_only and common.is_main() and x_all:
