@@ -1019,10 +1019,9 @@ def save_line_plot(path, series, x=None, xlabel="step", ylabel="", title="", log
 # ======================================================================================
 
 def base_parser(description, dataset, steps, batch_size, fid_samples=1000, batch_size_help=""):
-    """The flags every script shares (CONVENTIONS.md); scripts add their own. A script that
-    picks the batch size per data set passes batch_size=None and names its defaults in
-    batch_size_help. Prefixes of flags are refused (allow_abbrev=False), so a flag the user
-    gave is always recognised as given (see parse_args)."""
+    """The flags every script shares (CONVENTIONS.md). batch_size=None: the script picks it per
+    data set and names its defaults in batch_size_help. No prefixes of flags (allow_abbrev=False),
+    so parse_args recognises every flag the user gave."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--dataset", default=dataset, help=f"one of {', '.join(TOYS + IMAGE_DATASETS)}")
@@ -1439,12 +1438,10 @@ class StopFlag:
                   "way runs to its end (Ctrl-C again to abort)", file=sys.stderr)
 
     def should_stop(self, step=0, every=20):
-        """Whether to save and leave now. Under torchrun the signal reaches the ranks at
-        different moments, and a rank that left alone would hang the others in their next
-        all-reduce: so every `every` steps this is a collective (one small all-reduce, the
-        only host sync it costs), true on every rank once any rank was signalled; between
-        those steps it is False everywhere. Call it once per step, with the same step on
-        every rank."""
+        """Whether to save and leave now; call it once per step, with the same step on every rank.
+        Under torchrun the signal reaches the ranks at different moments, and a rank that left alone
+        would hang the others: every `every` steps this is one small all-reduce (its only host
+        sync), true on all ranks once any was signalled; between those steps it is False."""
         if not dist.is_initialized():
             return self.requested
         if step % every:

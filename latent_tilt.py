@@ -7,28 +7,25 @@ A frozen generator x = G(z), z ~ p(z) = N(0, I), is tilted by an energy on what 
 p(z) ∝ p(z) exp(-E(G(z))) (Eq. 6). E is learned by maximum likelihood (Eq. 5, 7) with model
 samples from short-run, non-persistent Langevin chains in z started from p(z) (Eq. 8).
 
-Stages (--stage): all (default): base, then latent EBM, in one folder. base: trains --base vae
-(DCGAN VAE; an MLP VAE on toys), glow (actnorm, 1x1 conv, affine coupling, multi-scale split with a
-learned prior; test bits/dim) or glf (deterministic AE + 4 affine couplings, trained jointly). ebm:
-loads that frozen base (--base-ckpt; its architecture flags come with it) and trains the latent EBM,
+--stage all (default): base, then latent EBM, in one folder. base: trains --base vae (DCGAN VAE; an MLP
+VAE on toys), glow (multi-scale GLOW with a learned split prior; test bits/dim) or glf (deterministic AE
++ 4 affine couplings, trained jointly). ebm: trains the latent EBM on that frozen base (--base-ckpt),
 keeping the best of the scores taken every --eval-every steps ("early stop when sample quality
-deteriorates", Section 5.3; toys: the samples' negative log-density under the data, images: FID).
-pixel: the "EBM on data" baseline (Table 1) with Du & Mordatch's replay buffer.
+deteriorates", Section 5.3). pixel: the "EBM on data" baseline (Table 1), Du & Mordatch's replay buffer.
 
-Langevin convention: the paper's z <- z - eps/2 grad U(z) + sqrt(eps) w (common.langevin,
-convention="eps"), eps = 0.01, U(z) = E(G(z)) + |z|^2 / 2; 60 steps in training (paper preset; small
-images 20; toys 100, Metropolis-adjusted: --mala), 100 when sampling. GLOW, GLF's flow, Langevin and
-every log-density run in fp32 whatever --amp says.
+Langevin (Eq. 8; common.langevin, convention="eps"): z <- z - eps/2 grad U(z) + sqrt(eps) w, eps = 0.01,
+U(z) = E(G(z)) + |z|^2 / 2; 60 steps in training (paper preset; small images 20; toys 100, with --mala),
+100 when sampling. GLOW, GLF's flow, Langevin and every log-density run in fp32 whatever --amp says.
 
-Evaluation (Table 1; one protocol for every base and the pixel EBM): FID of --fid-samples images
-(paper: 10,000) against the --fid-split split (paper: test) at 32 x 32 (28 x 28 data padded), checked
-at start-up: base_fid, ebm_fid (fid for the pixel EBM), tilt.png, langevin_traj.png (Figure 5.3).
-Toys: base_ / ebm_ hq_frac, modes, mmd, and ebm_*_exact for exact grid draws of the learned tilt.
+Evaluation (Table 1, for every base and the pixel EBM): FID of --fid-samples images (paper: 10,000)
+against the --fid-split split (paper: test) at 32 x 32, checked at start-up: base_fid, ebm_fid (fid
+for the pixel EBM), tilt.png, langevin_traj.png (Figure 5.3). Toys: base_ / ebm_ hq_frac, modes,
+mmd, and ebm_*_exact for exact grid draws of the learned tilt.
 
 Offline demo (25-Gaussians: 10000 VAE steps, then up to 2000 EBM steps; 7 min 0 s on 2 CPU cores):
     python latent_tilt.py
   measured: hq_frac 0.493 -> 0.851 (exact draws: 0.849), modes 25 -> 25, mmd 0.0064 -> 0.0028.
-Fashion-MNIST on a CPU budget (docs/latent_tilt.md: the budget and the FIDs it gave):
+Fashion-MNIST on a CPU budget (its FIDs: docs/latent_tilt.md):
     python latent_tilt.py --dataset fashion --preset small --stage base --base vae
     python latent_tilt.py --dataset fashion --preset small --stage ebm --base vae
 Paper configuration (the default for mnist, fashion, cifar10; GPU; Table 1: VAE 57.1 -> VAE + EBM
@@ -58,17 +55,16 @@ import common
 BASE_ARCH = ("base", "nz", "ngf", "hidden", "glow_levels", "glow_depth", "glow_hidden", "glow_scale_floor",
              "flow_couplings", "flow_hidden")
 EBM_ARCH = ("ch", "num_blocks", "e_hidden")
-# --preset paper (Appendix B): DCGAN width 64; GLOW 2 levels of 16 steps, coupling width 64
-# (CIFAR-10: 3 of 32, width 256); energy net 3 res blocks of 64 then 3 of 128; Langevin 60
-# training / 100 sampling steps; FID of 10,000 samples against the test set. Not in the paper
-# (ours): the EBM's batch size and the early stop's sample count.
+# --preset paper (Appendix B): DCGAN width 64; GLOW 2 levels of 16 steps, coupling width 64 (CIFAR-10: 3 of
+# 32, width 256); energy net 3 res blocks of 64 then 3 of 128; Langevin 60 training / 100 sampling steps; FID
+# of 10,000 samples against the test set. Ours: the EBM's batch size and the early stop's sample count.
 _PAPER_IMAGES = dict(ngf=64, ch=64, num_blocks=3, langevin_steps=60, sample_steps=100, batch_size=128,
                      fid_samples=10000, fid_split="test", stop_samples=1000, glow_levels=2, glow_depth=16,
                      glow_hidden=64)
 PRESETS = {"mnist": dict(_PAPER_IMAGES), "fashion": dict(_PAPER_IMAGES),
            "cifar10": dict(_PAPER_IMAGES, glow_levels=3, glow_depth=32, glow_hidden=256)}
-# --preset paper, per base (Appendix B.1): (base steps, base batch size), steps = epochs x
-# training images / batch: VAE and GLF 256 epochs of 128; GLOW 128 epochs of 64 (CIFAR-10: 256).
+# --preset paper, per base (Appendix B.1): (base steps, base batch size), steps = epochs x training images /
+# batch: VAE and GLF 256 epochs of 128; GLOW 128 epochs of 64 (CIFAR-10: 256).
 PAPER_BASE = {"mnist": {"vae": (120000, 128), "glf": (120000, 128), "glow": (120000, 64)},
               "fashion": {"vae": (120000, 128), "glf": (120000, 128), "glow": (120000, 64)},
               "cifar10": {"vae": (100000, 128), "glf": (100000, 128), "glow": (200000, 64)}}
@@ -81,33 +77,33 @@ def build_parser():
                            batch_size_help="EBM batch: 512 toys, 32 images; paper preset 128")
     p.set_defaults(log_every=20, ckpt_every=None)
     p.add_argument("--stage", default="all", choices=["all", "base", "ebm", "pixel"],
-                   help="all: base then latent EBM in one folder; base / ebm: one stage each; pixel: the EBM-on-data "
-                        "baseline. --steps: EBM steps (1000 VAE, 200 GLOW / GLF, as in the paper; toys 2000; pixel "
-                        "200, paper preset 20000); --ckpt-every: a tenth of them")
+                   help="all: base then latent EBM in one folder; base / ebm: one each; pixel: the EBM-on-data "
+                        "baseline. EBM --steps: 1000 VAE, 200 GLOW / GLF (paper), toys 2000, pixel 200 (paper 20000, "
+                        "cifar10 100000)")
     p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"],
                    help="base generative model (--stage ebm: read from --base-ckpt)")
     p.add_argument("--base-ckpt", default=None,
-                   help="--stage ebm: the frozen base's checkpoint, whose --base and architecture flags are used "
-                        "(default runs/latent_tilt-DATASET-BASE/checkpoint.pt)")
+                   help="--stage ebm: the frozen base, with its --base and architecture flags (default "
+                        "runs/latent_tilt-DATASET-BASE/checkpoint.pt)")
     p.add_argument("--base-steps", type=int, default=None,
-                   help="base steps (10000 toys, 2000 images, GLOW 8000; paper preset: 256 epochs = 120000, cifar10 100000; "
-                        "GLOW 128 epochs of 64 = 120000, cifar10 256 epochs = 200000)")
+                   help="base steps (10000 toys, 2000 images, GLOW 8000); paper preset: 120000 (GLOW too), "
+                        "cifar10 100000, GLOW 200000")
     p.add_argument("--base-batch-size", type=int, default=None, help="base batch size (128, GLOW 64, as in the paper)")
     p.add_argument("--base-lr", type=float, default=None, help="base Adam lr (1e-3, GLOW 5e-4, as in the paper)")
     p.add_argument("--base-ckpt-every", type=int, default=None,
-                   help="base steps between the base's checkpoints and sample pictures (default: a tenth of "
-                        "--base-steps)")
+                   help="base steps between checkpoints and sample pictures (default: a tenth of --base-steps; "
+                        "--ckpt-every: a tenth of --steps)")
     p.add_argument("--nz", type=int, default=None, help="latent size (paper: 100 VAE, 64 GLF; toys: 2)")
     p.add_argument("--ngf", type=int, default=32, help="DCGAN encoder/decoder width (paper: 64)")
     p.add_argument("--hidden", type=int, default=64, help="toys: width of the MLP VAE")
     p.add_argument("--e-hidden", type=int, default=128, help="toys: width of the energy MLP")
     p.add_argument("--input-scale", type=float, default=8.0,
-                   help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt: docs/latent_tilt.md)")
+                   help="toys: the energy MLP sees input_scale * x (ours; at 1 it is too smooth to tilt)")
     p.add_argument("--recon-std", type=float, default=0.05, help="toys: std of the VAE's Gaussian decoder")
     p.add_argument("--glow-levels", type=int, default=2, help="GLOW levels (squeeze ... split); paper: 2, cifar10 3")
     p.add_argument("--glow-depth", type=int, default=8, help="GLOW flow steps per level (paper: 16, cifar10 32)")
     p.add_argument("--glow-hidden", type=int, default=64, help="GLOW coupling width (paper: 64, cifar10 256)")
-    p.add_argument("--glow-scale-floor", type=float, default=0.01, help="coupling scales >= this (Glow: 0; docs/latent_tilt.md)")
+    p.add_argument("--glow-scale-floor", type=float, default=0.01, help="coupling scales >= this (Glow: 0)")
     p.add_argument("--flow-couplings", type=int, default=4, help="GLF latent flow couplings (paper: 4)")
     p.add_argument("--flow-hidden", type=int, default=256, help="GLF coupling hidden units (paper: 256)")
     p.add_argument("--ch", type=int, default=16, help="energy net width (paper: 64 -> 3 blocks of 64, 3 of 128)")
@@ -115,43 +111,36 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="EBM Adam lr (not in the paper; 3e-3 toys, 1e-4 images)")
     p.add_argument("--eps", type=float, default=0.01, help="Eq. 8: z <- z - eps/2 grad U + sqrt(eps) w (paper: 0.01)")
     p.add_argument("--langevin-steps", type=int, default=None,
-                   help="Langevin steps per training step, latent and pixel EBM (paper and D&M: 60; default 100 "
-                        "toys, 20 images)")
+                   help="Langevin steps per training step, latent and pixel EBM (100 toys, 20 images; paper, D&M: 60)")
     p.add_argument("--sample-steps", type=int, default=100, help="Langevin steps when sampling (paper: 100)")
     p.add_argument("--mala", action=argparse.BooleanOptionalAction, default=None,
-                   help="Metropolis-adjust the latent chains in training and sampling (default: toys on, images off; "
-                        "paper: off)")
+                   help="Metropolis-adjust the latent chains (default: toys on, images off; paper: off)")
     p.add_argument("--alpha", type=float, default=0.1,
-                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1); it caps the data-sample energy gap "
-                        "at 1/alpha: our GLOW tilt uses 0.001 (docs/latent_tilt.md)")
+                   help="energy regularisation alpha (E+^2 + E-^2), caps the energy gap at 1/alpha (paper: 0.1)")
     p.add_argument("--eval-every", type=int, default=None, help="early stop: score every N steps (toys 250; 50)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many scores without improvement (0: never)")
     p.add_argument("--stop-samples", type=int, default=None,
-                   help="samples per early-stop score (default 1000 toys, 200 images, paper preset 1000; "
-                        "images: FID vs. the train split)")
-    p.add_argument("--eval-samples", type=int, default=2000,
-                   help="toys: samples behind the final mmd, hq_frac and modes (images: --fid-samples)")
-    p.add_argument("--buffer-size", type=int, default=10000,
-                   help="pixel EBM replay buffer, all ranks together (Du & Mordatch: 10000)")
+                   help="samples per early-stop score (1000 toys, 200 images; paper preset 1000); images: FID vs train")
+    p.add_argument("--eval-samples", type=int, default=2000, help="toys: samples for the final mmd, hq_frac, modes")
+    p.add_argument("--buffer-size", type=int, default=10000, help="pixel EBM replay buffer, all ranks (D&M: 10000)")
     p.add_argument("--reinit", type=float, default=0.05, help="pixel EBM: fraction of chains from noise (D&M: 0.05)")
-    p.add_argument("--pixel-step", type=float, default=10.0, help="pixel Langevin gradient step, [0, 1] scale (D&M: 10)")
-    p.add_argument("--pixel-noise", type=float, default=0.005, help="pixel Langevin noise std, [0, 1] scale (D&M: 0.005)")
+    p.add_argument("--pixel-step", type=float, default=10.0, help="pixel Langevin gradient step, on [0, 1] (D&M: 10)")
+    p.add_argument("--pixel-noise", type=float, default=0.005, help="pixel Langevin noise std, on [0, 1] (D&M: 0.005)")
     p.add_argument("--pixel-grad-clip", type=float, default=0.01,
                    help="pixel Langevin: each pixel's energy gradient clipped to +-this (D&M's proj_norm: 0.01)")
     p.add_argument("--pixel-alpha", type=float, default=1.0, help="pixel EBM energy L2 weight (D&M: 1)")
     return p
 
 
-def default_out(args):
-    suffix = {"all": "", "base": f"-{args.base}", "ebm": f"-{args.base}-ebm", "pixel": "-pixel"}[args.stage]
+def default_out(args, stage=None):
+    suffix = {"all": "", "base": f"-{args.base}", "ebm": f"-{args.base}-ebm", "pixel": "-pixel"}[stage or args.stage]
     return f"runs/latent_tilt-{args.dataset}{suffix}"
 
 
 def read_base(args):
-    """--stage ebm, before any default is resolved: --base and the base's architecture flags
-    come from its checkpoint (--base-ckpt; on --resume / --eval-only without it, this run's
-    own checkpoint). Returns the checkpoint (None: --print-config without one)."""
-    path = Path(args.base_ckpt or f"runs/latent_tilt-{args.dataset}-{args.base}/checkpoint.pt")
+    """--stage ebm, before the defaults: --base and its architecture flags from the base's checkpoint (--base-ckpt,
+    else on --resume / --eval-only this run's own). Returns it (None: --print-config without one)."""
+    path = Path(args.base_ckpt or f"{default_out(args, 'base')}/checkpoint.pt")
     own = Path(args.out or default_out(args)) / "checkpoint.pt"
     if not path.exists() and (args.resume or args.eval_only) and own.exists():
         path = own
@@ -179,21 +168,16 @@ def resolve_defaults(args):
     toy = args.dataset in common.TOYS
     paper = args.preset == "paper"
     if paper and args.dataset in PAPER_BASE:
-        steps, batch = PAPER_BASE[args.dataset][args.base]
-        for key, value in (("base_steps", steps), ("base_batch_size", batch)):
+        for key, value in zip(("base_steps", "base_batch_size"), PAPER_BASE[args.dataset][args.base]):
             if key not in args.given:
                 setattr(args, key, value)
-    if args.steps is None:
-        if args.stage == "pixel":
-            args.steps = PAPER_PIXEL_STEPS.get(args.dataset, 200) if paper else 200
-        else:
-            args.steps = 2000 if toy else (1000 if args.base == "vae" else 200)
     glow = args.base == "glow"
-    defaults = dict(batch_size=512 if toy else 32, base_steps=10000 if toy else (8000 if glow else 2000),
-                    base_batch_size=64 if glow else 128,
-                    nz=2 if toy else (64 if args.base == "glf" else 100), lr=3e-3 if toy else 1e-4,
-                    base_lr=5e-4 if glow else 1e-3,
-                    langevin_steps=100 if toy else 20,
+    latent_steps = 2000 if toy else (1000 if args.base == "vae" else 200)
+    pixel_steps = PAPER_PIXEL_STEPS.get(args.dataset, 200) if paper else 200
+    defaults = dict(steps=pixel_steps if args.stage == "pixel" else latent_steps,
+                    batch_size=512 if toy else 32, base_steps=10000 if toy else (8000 if glow else 2000),
+                    base_batch_size=64 if glow else 128, nz=2 if toy else (64 if args.base == "glf" else 100),
+                    lr=3e-3 if toy else 1e-4, base_lr=5e-4 if glow else 1e-3, langevin_steps=100 if toy else 20,
                     eval_every=250 if toy else 50, stop_samples=1000 if toy else 200, mala=toy)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -217,13 +201,13 @@ def resolve_defaults(args):
     if args.out is None:
         args.out = default_out(args)
     if args.base_ckpt is None:
-        args.base_ckpt = f"runs/latent_tilt-{args.dataset}-{args.base}/checkpoint.pt"
+        args.base_ckpt = f"{default_out(args, 'base')}/checkpoint.pt"
     return args
 
 
 def check_protocol(args):
-    """At start-up, before data: the evaluation's and the early stop's reference splits can
-    serve their sample counts (FID compares equally many generated and real images)."""
+    """At start-up, before data: the evaluation's and the early stop's reference splits can serve their sample
+    counts (FID compares equally many generated and real images)."""
     if args.dataset in common.TOYS:
         return
     common.check_fid_protocol(args)
@@ -239,9 +223,8 @@ def check_protocol(args):
 # ======================================================================================
 
 def image_size(args):
-    """GLOW models the raw 28 x 28 mnist/fashion (its squeezes need only /4; padding would
-    add constant pixels that make bits/dim meaningless); the DCGAN nets need 32 x 32 there.
-    Other data sets keep their own size."""
+    """GLOW models the raw 28 x 28 mnist/fashion (its squeezes need only /4; padding would add constant pixels
+    that make bits/dim meaningless); the DCGAN nets need 32 x 32 there. Other data sets keep their own size."""
     if args.base == "glow" and args.stage != "pixel" and args.dataset in ("mnist", "fashion"):
         return 28
     return common.image_shape(args.dataset, pad_to_32=True)[-1]
@@ -260,8 +243,7 @@ def next_batch(args, batches, n, device):
 
 
 def fid_view(x):
-    """Samples as FID sees them: 28 x 28 (GLOW on mnist / fashion) padded with black (-1) to
-    the 32 x 32 of the padded reference images, so every base shares one reference."""
+    """Samples as FID sees them: 28 x 28 (GLOW on mnist / fashion) padded with black (-1) to the reference's 32 x 32."""
     return F.pad(x, (2, 2, 2, 2), value=-1.0) if x.shape[-1] == 28 else x
 
 
@@ -272,9 +254,7 @@ def fid_view(x):
 # inside them; what they return is cast back to fp32 before it enters a loss or a sampler.
 
 def dcgan_generator(nz, out_ch, ngf, size):
-    """DCGAN generator (Radford et al.), the paper's VAE / GLF decoder: z [B, nz] -> a 4x4
-    transposed conv, then BatchNorm - LeakyReLU(0.2) - stride-2 transposed conv halving the
-    width up to `size`, tanh: [B, out_ch, size, size] in (-1, 1)."""
+    """DCGAN generator (Radford et al.), the paper's VAE / GLF decoder: z [B, nz] -> [B, out_ch, size, size]."""
     n_up = int(math.log2(size // 4))
     width = [ngf * 2 ** (n_up - 1 - i) for i in range(n_up)]
     layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width[0], 4, 1, 0)]
@@ -285,8 +265,7 @@ def dcgan_generator(nz, out_ch, ngf, size):
 
 
 def dcgan_encoder(out_dim, in_ch, ndf, size):
-    """DCGAN encoder, the paper's VAE / GLF encoder: stride-2 convs doubling the width down to
-    4x4 (BatchNorm after all but the first, LeakyReLU(0.2)), then a 4x4 conv: [B, out_dim]."""
+    """DCGAN encoder, the paper's VAE / GLF encoder: [B, in_ch, size, size] -> [B, out_dim]."""
     n_down = int(math.log2(size // 4))
     layers, cin = [], in_ch
     for i in range(n_down):
@@ -314,8 +293,7 @@ class VAE(nn.Module):
     def loss(self, x, amp=contextlib.nullcontext):
         """Negative ELBO per example (sum over dimensions), averaged over the batch."""
         with amp():
-            h = self.enc(x)
-        mu, logvar = h.float().chunk(2, 1)
+            mu, logvar = self.enc(x).float().chunk(2, 1)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         with amp():
             a = self.dec(z)
@@ -334,8 +312,7 @@ def reconstruction_nll(a, x, recon, std=1.0):
 
 
 class VectorCoupling(nn.Module):
-    """Affine coupling on vectors [B, d] (GLF's latent flow): the second half is scaled and shifted
-    by a one-hidden-layer net of the first, then the order is reversed (log|det| 0)."""
+    """Affine coupling on vectors [B, d] (GLF's flow): the second half scaled and shifted by a net of the first."""
 
     def __init__(self, d, hidden):
         super().__init__()
@@ -357,9 +334,8 @@ class VectorCoupling(nn.Module):
 
 
 class GLF(nn.Module):
-    """Generative latent flow (Xiao et al. 2019): a deterministic AE x -> z -> x and a flow
-    z -> u ~ N(0, I). G(u) = dec(flow^-1(u)), so the EBM's latent is the flow's u. The flow
-    runs in fp32 whatever --amp says."""
+    """Generative latent flow (Xiao et al. 2019): a deterministic AE x -> z -> x and a flow z -> u ~ N(0, I).
+    G(u) = dec(flow^-1(u)), so the EBM's latent is the flow's u. The flow runs in fp32 whatever --amp says."""
 
     def __init__(self, enc, dec, recon, nz, couplings, hidden):
         super().__init__()
@@ -410,9 +386,8 @@ def unsqueeze(x):
 
 
 class ActNorm(nn.Module):
-    """y = (x + loc) exp(log_scale) per channel; the first batch sets zero mean, unit variance.
-    Whether that happened is a buffer (it travels with checkpoints), read once: after that a
-    Python flag, so a forward pass never waits for the GPU to answer it."""
+    """y = (x + loc) exp(log_scale) per channel; the first batch sets zero mean, unit variance. Whether that happened
+    is a buffer (it travels with checkpoints) read once into a flag, so a forward pass never waits for the GPU."""
 
     def __init__(self, c):
         super().__init__()
@@ -426,8 +401,7 @@ class ActNorm(nn.Module):
         self.ready = False  # read the loaded buffer again
 
     def forward(self, x):
-        if not self.ready:
-            self.ready = bool(self.initialised)
+        self.ready = self.ready or bool(self.initialised)  # the buffer is read only until it is set
         if not self.ready:
             with torch.no_grad():
                 self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
@@ -456,11 +430,9 @@ class InvConv(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """x_b <- (x_b + t(x_a)) * s, s = floor + (1 - floor) sigmoid(h(x_a) + 2) (Glow's code: floor 0;
-    ours 0.01: it bounds the inverse's gain 1 / s, through which latent Langevin chains
-    otherwise overflow; docs/latent_tilt.md); the coupling net is
-    conv3x3 - ReLU - conv1x1 - ReLU - zero-initialised conv3x3 (the paper's 3-layer Highway
-    net is replaced by this plain 3-layer net)."""
+    """x_b <- (x_b + t(x_a)) * s, s = floor + (1 - floor) sigmoid(h(x_a) + 2). Glow's code: floor 0; ours 0.01
+    bounds the inverse's gain 1 / s, through which latent Langevin chains otherwise overflow. The paper's 3-layer
+    Highway coupling net is replaced by a plain 3-layer one."""
 
     def __init__(self, c, hidden, floor):
         super().__init__()
@@ -485,12 +457,10 @@ class AffineCoupling(nn.Module):
 
 
 class Glow(nn.Module):
-    """Multi-scale Glow: per level squeeze, `depth` x (actnorm, 1x1 conv, affine coupling),
-    then (except at the last level) half the channels h_a leave as latents, whitened by Glow's
-    learned split prior: z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), where mu and log_sigma =
-    tanh(r) come from a zero-initialised conv3x3 of the half h_b that stays (Glow's log-scale is
-    unbounded; ours is bounded, as GLF's, so each split's inverse gain is <= e). So every latent is
-    N(0, I), concatenated into one flat z [B, C H W]."""
+    """Multi-scale Glow: per level squeeze, `depth` x (actnorm, 1x1 conv, affine coupling), then (but at the last
+    level) half the channels h_a leave as latents, whitened by Glow's learned split prior:
+    z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), mu and log_sigma = tanh(r) from a conv3x3 of the half h_b that stays
+    (Glow's log-scale is unbounded; ours, as GLF's, is bounded: each split's inverse gain is <= e). z: [B, C H W]."""
 
     def __init__(self, shape, levels, depth, hidden, floor=0.01):
         super().__init__()
@@ -556,14 +526,11 @@ class Glow(nn.Module):
 
 
 def bits_per_dim(glow, x):
-    """-log2 P(8-bit image behind x) / D: the model's density at the dequantised point
-    (y + U(0, 1)) / 128 - 1 (y the integers 0..255) times its bin's volume 128^-D."""
+    """-log2 P(8-bit image behind x) / D: the density at the dequantised point times its bin's volume 128^-D."""
     y = torch.round((x + 1) * 127.5)  # back to the integers 0..255
     x_deq = (y + torch.rand_like(y)) / 128 - 1  # density on [-1, 1): 8 bits - log2(2) per dim
     D = x[0].numel()
     return (-glow.log_prob(x_deq) + D * math.log(128)) / (D * math.log(2))
-
-
 
 
 def build_base(args, in_ch):
@@ -593,16 +560,14 @@ class ToyEnergy(nn.Module):
     def __init__(self, hidden, input_scale):
         super().__init__()
         self.net, self.input_scale = common.mlp([2, hidden, hidden, hidden, 1], act=nn.SiLU), input_scale
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x):
         return self.net(self.input_scale * x).squeeze(1)
 
 
 def build_energy(args, in_ch, sn=False):
-    """E(x) -> [B]. Images: Appendix B.2 (res blocks of ch then 2 ch, global sum pooling, linear
-    head); toys: an MLP (in the role of DOT's discriminator)."""
+    """E(x) -> [B]: Appendix B.2's ResNet on images (ch, then 2 ch; sum pooling); toys: an MLP (DOT's critic's role)."""
     if args.dataset in common.TOYS:
         return ToyEnergy(args.e_hidden, args.input_scale)
     return common.EnergyResNet(in_ch, ch=args.ch, ch_mult=(1, 2), num_blocks=args.num_blocks, time_embed=False, sn=sn)
@@ -613,19 +578,16 @@ def build_energy(args, in_ch, sn=False):
 # ======================================================================================
 
 def mle_loss(e_data, e_model, alpha):
-    """Surrogate whose theta-gradient is Eq. 5 / 7, E_data[dE(x)/dtheta] - E_tilted[dE(G(z))/dtheta]
-    (model points: Langevin samples, held fixed), plus alpha (E_data^2 + E_model^2) (Appendix
-    B.2's energy regularisation). Its minimiser for free energies is E_data = -1/(2 alpha),
-    E_model = +1/(2 alpha): alpha caps the energy gap between data and samples at 1/alpha."""
+    """Surrogate whose theta-gradient is Eq. 5 / 7, E_data[dE(x)/dtheta] - E_tilted[dE(G(z))/dtheta] (model points
+    held fixed), plus Appendix B.2's alpha (E_data^2 + E_model^2). Its minimiser for free energies is
+    E_data = -1/(2 alpha), E_model = +1/(2 alpha): alpha caps the energy gap between data and samples at 1/alpha."""
     return e_data.mean() - e_model.mean() + alpha * ((e_data ** 2).mean() + (e_model ** 2).mean())
 
 
 def ebm_loss(E, x_data, x_model, alpha, amp=contextlib.nullcontext):
-    """mle_loss of E on data and model points (latent and pixel EBM alike); E runs under the
-    --amp switch, its energies in fp32. Returns (loss, E(x_data), E(x_model))."""
+    """mle_loss of E (latent and pixel EBM alike; E under --amp, energies in fp32): (loss, E(x_data), E(x_model))."""
     with amp():
-        e_data, e_model = E(x_data), E(x_model)
-    e_data, e_model = e_data.float(), e_model.float()
+        e_data, e_model = E(x_data).float(), E(x_model).float()
     return mle_loss(e_data, e_model, alpha), e_data, e_model
 
 
@@ -643,18 +605,16 @@ def latent_log_p(E, G, amp=contextlib.nullcontext):
 
 
 def sample_latent(E, G, z0, n_steps, eps, keep_every=0, amp=contextlib.nullcontext, mh=False, trace=False):
-    """Eq. 8: z <- z - eps/2 grad_z [E(G(z)) - log p(z)] + sqrt(eps) w, short-run from z0;
-    mh: each move Metropolis-adjusted (MALA), so that sharp wells do not bias the chain.
-    trace (or keep_every > 0): also common.langevin's trace dict."""
+    """Eq. 8: z <- z - eps/2 grad_z [E(G(z)) - log p(z)] + sqrt(eps) w, short-run from z0; mh: Metropolis-adjusted
+    (MALA), so that sharp wells do not bias the chain. trace (or keep_every > 0): also common.langevin's trace."""
     return common.langevin(latent_log_p(E, G, amp), z0, n_steps, eps, convention="eps", mh=mh,
                            trace=trace or keep_every > 0, keep_every=keep_every)
 
 
 def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext, trace=False):
-    """Du & Mordatch 2019's sampler (their code), run on their [0, 1] pixel scale u = (x + 1) / 2
-    so that their numbers apply unchanged: u <- u + noise w, w ~ N(0, I), then
-    u <- clip(u - step clip(grad_u E, -c, c), 0, 1) with c = --pixel-grad-clip (their proj_norm):
-    a step moves a pixel by at most step c. trace: also {"grad_norm": [K, B]} (before the clip)."""
+    """Du & Mordatch 2019's sampler (their code) on their pixel scale u = (x + 1) / 2 in [0, 1], so that their numbers
+    apply: u <- u + noise w, then u <- clip(u - step clip(grad_u E, -c, c), 0, 1), c = --pixel-grad-clip (their
+    proj_norm). trace: also {"grad_norm": [K, B]} (before the clip)."""
     u, c = (x0.detach().float() + 1) / 2, args.pixel_grad_clip
     grad_norms = []
     for _ in range(n_steps):
@@ -673,6 +633,22 @@ def sample_pixels(E, x0, args, n_steps, amp=contextlib.nullcontext, trace=False)
 # Training
 # ======================================================================================
 
+def save_checkpoint(out, args, phase, step, batches, **state):
+    """OUT/checkpoint.pt of any stage: its networks, optimiser and sampler (`state`), RNG states and data order."""
+    common.save_checkpoint(out / "checkpoint.pt", {
+        "script": "latent_tilt", "args": vars(args), "phase": phase, "step": step, **state, "rng": common.rng_state(),
+        "batches": batches.state_dict() if batches is not None else None})
+
+
+def adam_step(loss, opt, params, logger):
+    """One optimiser step on `loss`, its gradients averaged over the ranks (torchrun)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    common.average_gradients(params)
+    opt.step()
+    logger.update()
+
+
 def train_base(args, G, batches, state, out, device, stop, nz, amp):
     """Maximum likelihood (ELBO / exact) of the base model; returns False if stopped."""
     params = list(G.parameters())
@@ -687,31 +663,20 @@ def train_base(args, G, batches, state, out, device, stop, nz, amp):
             G.log_prob(next_batch(args, batches, B, device))
         common.broadcast_params(G)
     logger = common.Logger(out, args.base_steps, initial=start)
-
-    def save(step):
-        common.save_checkpoint(out / "checkpoint.pt", {
-            "script": "latent_tilt", "args": vars(args), "phase": "base", "step": step, "base": G.state_dict(),
-            "base_opt": opt.state_dict(), "rng": common.rng_state(),
-            "batches": batches.state_dict() if batches is not None else None})
-        G.eval()
-        save_samples(out, step, args, G.decode, None, nz, device, batches is None, amp)
-        G.train()
-
     G.train()
     for step in range(start + 1, args.base_steps + 1):
         loss = G.loss(next_batch(args, batches, B, device), amp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        common.average_gradients(params)
-        opt.step()
-        logger.update()
+        adam_step(loss, opt, params, logger)
         if step % args.log_every == 0 or step == args.base_steps:  # the only host sync of a step
             value = loss.item()
             common.check_finite(step, "--base-lr", base_loss=value)
             logger.log(step, args.base_batch_size, base_loss=value)
         stopping = stop.should_stop(step)  # every rank agrees (torchrun)
         if step % args.base_ckpt_every == 0 or step == args.base_steps or stopping:
-            save(step)
+            save_checkpoint(out, args, "base", step, batches, base=G.state_dict(), base_opt=opt.state_dict())
+            G.eval()
+            save_samples(out, step, args, G.decode, None, nz, device, batches is None, amp)
+            G.train()
         if stopping:
             return False
     logger.close()
@@ -720,15 +685,10 @@ def train_base(args, G, batches, state, out, device, stop, nz, amp):
 
 
 def ebm_update(E, x_data, x_model, alpha, opt, params, logger, step, args, knobs, amp, chain):
-    """One Adam step on ebm_loss (latent and pixel EBM alike) and, at log steps, the log line
-    (with the Langevin gradient norm at the chains' last step and MALA's acceptance rate, from
-    common.langevin's trace dict `chain`)."""
+    """One Adam step on ebm_loss (latent and pixel EBM alike); at log steps, the log line with the chains' last
+    Langevin gradient norm and MALA's acceptance rate (from the trace dict `chain`)."""
     loss, e_data, e_model = ebm_loss(E, x_data, x_model, alpha, amp)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    common.average_gradients(params)
-    opt.step()
-    logger.update()
+    adam_step(loss, opt, params, logger)
     if step % args.log_every == 0 or step == args.steps:  # the only host sync of a step
         common.check_finite(step, knobs, loss=loss.item())
         extra = {"accept": chain["accept"].item()} if "accept" in chain else {}
@@ -748,11 +708,9 @@ def share_from_main(value, device):
 
 
 def sample_score(args, G, E, nz, device, ref, amp):
-    """Early-stop score (lower is better) of a fixed set of EBM samples, drawn in shares by the
-    ranks and scored on rank 0 (so every rank takes the same decision): on toys with a
-    closed-form density, the samples' mean negative log-density under the data (it sees the
-    bridges between modes, which MMD hardly does), else MMD vs. fresh toy data; on images FID
-    vs. the training split (the test split stays unseen)."""
+    """Early-stop score (lower is better) of a fixed set of EBM samples, drawn in shares, scored on rank 0: toys, the
+    mean negative log-density under the data where it has a closed form (it sees the bridges between modes, which MMD
+    hardly does), else MMD vs. fresh data; images, FID vs. the train split (the test split stays unseen)."""
     rank = common.dist.get_rank() if common.dist.is_initialized() else 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + 12345 + rank)
@@ -771,9 +729,8 @@ def sample_score(args, G, E, nz, device, ref, amp):
 
 
 def keep_best(track, score, step, E, patience):
-    """The paper's early stop "when sample quality deteriorates" (Section 5.3): keep a copy of
-    the EBM with the best (lowest) score so far; stop after `patience` scores in a row that
-    do not improve on it (0: never)."""
+    """Section 5.3's early stop "when sample quality deteriorates": keep the EBM with the lowest score so far; stop
+    after `patience` scores in a row that do not improve on it (0: never)."""
     if track["best"] is None or score < track["best"]:
         track.update(best=score, best_step=step, bad=0, best_E=copy.deepcopy(E.state_dict()))
     else:
@@ -783,8 +740,8 @@ def keep_best(track, score, step, E, patience):
 
 
 def train_ebm(args, base, E, batches, state, out, device, stop, nz, amp):
-    """Eq. 5 / 7 with short-run, non-persistent latent Langevin (Eq. 8) from p(z). Returns
-    the early-stop record (best_E: the kept EBM), or None when stopped by a signal."""
+    """Eq. 5 / 7 with short-run, non-persistent latent Langevin (Eq. 8) from p(z). Returns the early-stop record
+    (best_E: the kept EBM), or None when stopped by a signal."""
     G = base.decode
     params = list(E.parameters())
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.5, 0.999))
@@ -796,13 +753,6 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz, amp):
     ref = common.toy_sample(args.dataset, args.stop_samples, torch.Generator().manual_seed(args.seed + 1)) \
         if batches is None else None
     B = common.rank_share(args.batch_size)
-
-    def save(step):
-        track["step"] = step
-        common.save_checkpoint(out / "checkpoint.pt", {
-            "script": "latent_tilt", "args": vars(args), "phase": "ebm", "step": step, "base": base.state_dict(),
-            "E": E.state_dict(), "opt": opt.state_dict(), "track": track, "rng": common.rng_state(),
-            "batches": batches.state_dict() if batches is not None else None})
 
     def check(step):
         score = sample_score(args, G, E, nz, device, ref, amp)
@@ -825,7 +775,9 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz, amp):
             check(step)
         stopping = stop.should_stop(step)  # every rank agrees (torchrun)
         if step % args.ckpt_every == 0 or step == args.steps or stopping or track["stopped"]:
-            save(step)
+            track["step"] = step
+            save_checkpoint(out, args, "ebm", step, batches, base=base.state_dict(), E=E.state_dict(),
+                            opt=opt.state_dict(), track=track)
             save_samples(out, step, args, G, E, nz, device, batches is None, amp)
         if stopping:
             return None
@@ -836,9 +788,8 @@ def train_ebm(args, base, E, batches, state, out, device, stop, nz, amp):
 
 
 def buffer_share(full):
-    """This rank's rows of a replay buffer gathered from all ranks (the shares of
-    common.rank_share, in rank order): a run resumed on another number of processes splits
-    the same buffer among its own ranks."""
+    """This rank's rows of a replay buffer gathered from all ranks (common.rank_share's shares, in rank order): a run
+    resumed on another number of processes splits the same buffer among its own ranks."""
     if not common.dist.is_initialized():
         return full
     shares = [None] * common.dist.get_world_size()
@@ -847,9 +798,16 @@ def buffer_share(full):
     return full[start:start + shares[common.dist.get_rank()]]
 
 
+def write_back(buffer, idx, x):
+    """buffer[idx] = x where idx may repeat (drawn with replacement, as D&M's): each slot takes the last of its
+    chains, whole. A plain indexed write leaves which repeat wins unspecified, pixel by pixel."""
+    slots, inverse = torch.unique(idx, return_inverse=True)
+    last = torch.zeros_like(slots).scatter_reduce_(0, inverse, torch.arange(len(idx), device=idx.device), "amax")
+    buffer[slots] = x[last]
+
+
 def train_pixel(args, E, batches, state, out, device, stop, shape, amp):
-    """Du & Mordatch 2019 with a replay buffer of --buffer-size images (Appendix B.2), split
-    among the ranks and kept on the device."""
+    """Du & Mordatch 2019 with a replay buffer of --buffer-size images (Appendix B.2), split among the ranks."""
     params = list(E.parameters())
     opt = torch.optim.Adam(params, lr=args.lr, betas=(0.0, 0.999))
     buffer = torch.rand(common.rank_share(args.buffer_size), *shape, device=device) * 2 - 1  # uniform noise
@@ -859,25 +817,19 @@ def train_pixel(args, E, batches, state, out, device, stop, shape, amp):
         buffer, start = buffer_share(state["buffer"]).to(device), state["step"]
     logger = common.Logger(out, args.steps, initial=start)
     B = common.rank_share(args.batch_size)
-
-    def save(step):
-        full = common.gather_rows(buffer)  # a collective: every rank's share, on rank 0
-        common.save_checkpoint(out / "checkpoint.pt", {
-            "script": "latent_tilt", "args": vars(args), "phase": "pixel", "step": step, "E": E.state_dict(),
-            "opt": opt.state_dict(), "buffer": full.cpu() if full is not None else None, "rng": common.rng_state(),
-            "batches": batches.state_dict()})
-
     for step in range(start + 1, args.steps + 1):
         x = next_batch(args, batches, B, device)
         idx = torch.randint(len(buffer), (B,), device=device)
         fresh = torch.rand(B, device=device) < args.reinit  # 5% restart from uniform noise
         x0 = torch.where(fresh[:, None, None, None], torch.rand_like(buffer[idx]) * 2 - 1, buffer[idx])
         x_model, chain = sample_pixels(E, x0, args, args.langevin_steps, amp, trace=True)
-        buffer[idx] = x_model
+        write_back(buffer, idx, x_model)
         ebm_update(E, x, x_model, args.pixel_alpha, opt, params, logger, step, args, "--lr, --pixel-step", amp, chain)
         stopping = stop.should_stop(step)  # every rank agrees (torchrun)
         if step % args.ckpt_every == 0 or step == args.steps or stopping:
-            save(step)
+            full = common.gather_rows(buffer)  # a collective: every rank's share, on rank 0
+            save_checkpoint(out, args, "pixel", step, batches, E=E.state_dict(), opt=opt.state_dict(),
+                            buffer=full.cpu() if full is not None else None)
             if common.is_main():
                 common.save_image_grid(out / f"samples_{step:06d}.png", x_model[:64])
         if stopping:
@@ -891,10 +843,9 @@ def train_pixel(args, E, batches, state, out, device, stop, shape, amp):
 # ======================================================================================
 
 def exact_tilt_sample(log_p, n, generator, device, lim=4.0, size=400):
-    """n exact draws (on the CPU) from a 2-D latent density prop. to exp(log_p(z)), here the
-    tilted prior of Eq. 6: a cell of a size x size midpoint grid over [-lim, lim]^2 drawn with
-    probability prop. to its density, then a uniform point in it. What the learned energy
-    gives, with no sampler in between."""
+    """n exact draws (on the CPU) from a 2-D density prop. to exp(log_p(z)), here Eq. 6's tilted prior: a cell of a
+    size x size grid over [-lim, lim]^2 drawn with probability prop. to its density at the midpoint, then a uniform
+    point in it. What the learned energy gives, with no sampler in between."""
     h = 2 * lim / size
     axis = -lim + h * (torch.arange(size, dtype=torch.float32) + 0.5)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
@@ -905,8 +856,8 @@ def exact_tilt_sample(log_p, n, generator, device, lim=4.0, size=400):
 
 
 def generate(args, G, E, z0, tilt, amp=contextlib.nullcontext):
-    """Samples x = G(z) and their z (on the CPU) from z0 ~ p(z) [n, nz]: z = z0 (tilt=False) or
-    Eq. 8 from z0 with --sample-steps; chains in batches of 100 images (toys: all at once)."""
+    """Samples x = G(z) and their z (on the CPU) from z0 ~ p(z) [n, nz]: z = z0 (tilt=False) or Eq. 8 from z0 with
+    --sample-steps; chains in batches of 100 images (toys: all at once)."""
     batch = max(len(z0), 1) if args.dataset in common.TOYS else 100
     xs, zs = [], []
     for z in z0.split(batch) if len(z0) else [z0]:  # n = 0: empty, but shaped
@@ -919,8 +870,7 @@ def generate(args, G, E, z0, tilt, amp=contextlib.nullcontext):
 
 
 def gathered(x, device):
-    """gather_rows of a CPU tensor through the device (nccl gathers CUDA tensors); rank 0 gets
-    the CPU concatenation, the others None."""
+    """gather_rows of a CPU tensor through the device (nccl gathers CUDA tensors): rank 0 gets it, the others None."""
     x = common.gather_rows(x.to(device))
     return x.cpu() if x is not None else None
 
@@ -929,16 +879,15 @@ TOY_LIM = 2.0  # both toys lie within [-2, 2]^2 (NOTES.md scaling)
 
 
 def save_samples(out, step, args, G, E, nz, device, toy, amp):
-    """samples_STEP.png of the EBM (base + EBM), samples_base_STEP.png of the base (E None): the
-    two stages of --stage all count their own steps in one folder."""
+    """samples_STEP.png of the EBM (base + EBM), samples_base_STEP.png of the base (E None): the two stages of
+    --stage all count their own steps in one folder."""
     if not common.is_main():
         return
     path = out / f"samples_{'base_' if E is None else ''}{step:06d}.png"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x, _ = generate(args, G, E, torch.randn(1000 if toy else 64, nz, device=device), E is not None, amp)
     if toy:
-        title = f"{'base + EBM' if E is not None else 'base'}, step {step}"
-        common.save_toy_panels(path, [(title, x)], lim=TOY_LIM)
+        common.save_toy_panels(path, [(f"{'base + EBM' if E is not None else 'base'}, step {step}", x)], lim=TOY_LIM)
     else:
         common.save_image_grid(path, x)
 
@@ -953,9 +902,8 @@ def toy_metrics(prefix, x, args):
 
 
 def evaluate(args, base, E, nz, device, out, test, amp):
-    """Table 1 protocol for base and base + EBM (E None: base only): the EBM's chains start at
-    the base's own z ~ p(z), drawn in shares by the ranks and scored on rank 0; pictures of
-    Fig. 5.1 / 5.3 from the same samples. Returns (metrics, (x, z)); other ranks: ({}, None)."""
+    """Table 1 protocol for base and base + EBM (E None: base only): the EBM's chains start at the base's own z, drawn
+    in shares, scored on rank 0; Fig. 5.1 / 5.3 from the same samples. Returns (metrics, (x, z)); others ({}, None)."""
     toy = args.dataset in common.TOYS
     n = args.eval_samples if toy else args.fid_samples
     G = base.decode
@@ -981,20 +929,20 @@ def evaluate(args, base, E, nz, device, out, test, amp):
                                                           args.fid_split, device)
     if not common.is_main():
         return {}, None
-    if not toy:
+    if toy:
+        panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(args.seed + 3))),
+                  ("VAE", samples["base"][0])]
+        if E is not None:
+            panels += [("VAE + EBM", samples["ebm"][0]), ("VAE + EBM, exact", samples["ebm_exact"][0])]
+        common.save_toy_panels(out / "tilt.png", panels, lim=TOY_LIM)
+    else:
         xt = common.to_float(test[:1000]).to(device)
         with torch.no_grad():
             if isinstance(base, Glow):
                 metrics["base_bpd"] = bits_per_dim(base, xt).mean().item()
             else:
                 metrics["mse_recon"] = ((G(base.encode(xt)) - xt) ** 2).mean().item()
-    if toy:
-        panels = [("data", common.toy_sample(args.dataset, n, torch.Generator().manual_seed(args.seed + 3))),
-                  ("VAE", samples["base"][0])] + ([("VAE + EBM", samples["ebm"][0]),
-                                                    ("VAE + EBM, exact", samples["ebm_exact"][0])] if E is not None else [])
-        common.save_toy_panels(out / "tilt.png", panels, lim=TOY_LIM)
-    else:  # tilt.png: base samples | the same z after Eq. 8
-        grids = [common.image_grid(samples[k][0][:64]) for k in samples]
+        grids = [common.image_grid(samples[k][0][:64]) for k in samples]  # tilt.png: base | the same z after Eq. 8
         if E is not None:  # Figure 5.3: one chain per row, a column every 10 steps, prior on the left
             z8 = samples["base"][1][:8].to(device)
             _, info = sample_latent(E, G, z8, args.sample_steps, args.eps, keep_every=10, amp=amp, mh=args.mala)
@@ -1007,8 +955,8 @@ def evaluate(args, base, E, nz, device, out, test, amp):
 
 
 def evaluate_pixel(args, E, buffer, device, out, amp):
-    """FID of chains started from the replay buffer (Appendix B.2), each rank from its own
-    share of it, scored on rank 0. Returns (metrics, x); other ranks: ({}, None)."""
+    """FID of chains started from the replay buffer (Appendix B.2), each rank from its own share, scored on rank 0.
+    Returns (metrics, x); other ranks: ({}, None)."""
     xs = [buffer[:0].cpu()]
     n = common.rank_share(args.fid_samples)
     for i in range(0, n, 100):
@@ -1030,8 +978,7 @@ def evaluate_pixel(args, E, buffer, device, out, amp):
 # ======================================================================================
 
 def get_args(argv=None):
-    """Parse and resolve: under --stage ebm the base's flags are read from its checkpoint first.
-    Returns (args, the base checkpoint or None)."""
+    """Parse and resolve (--stage ebm: the base's flags from its checkpoint first): (args, base checkpoint or None)."""
     args = common.parse_args(build_parser(), PRESETS, argv)
     base_state = read_base(args) if args.stage == "ebm" else None
     return resolve_defaults(args), base_state
@@ -1050,13 +997,12 @@ def main(argv=None):
     E = build_energy(args, in_ch, sn=args.stage == "pixel") if args.stage != "base" else None
     common.print_config(args, {name: net for name, net in (("base", G), ("energy", E)) if net is not None})
 
-    rank, world = common.init_distributed()
+    rank, _ = common.init_distributed()
     device = common.pick_device(args.device)
     amp = functools.partial(common.autocast, args.amp, device)
     data = load_data(args)
-    G = G.to(device) if G is not None else None
-    E = E.to(device) if E is not None else None
-    common.compile_nets(args.compile, *[m for m in (G, E) if m is not None])
+    nets = [net.to(device) for net in (G, E) if net is not None]
+    common.compile_nets(args.compile, *nets)
     common.seed_everything(args.seed + rank)
     out = common.prepare_out_dir(args, "latent_tilt")
     state = None
@@ -1066,9 +1012,8 @@ def main(argv=None):
         state = common.load_checkpoint(out / "checkpoint.pt", "latent_tilt", args,
                                        must_match=("dataset", "stage") + arch)
         common.set_rng_state(state["rng"])
-    for m in (G, E):
-        if m is not None:
-            common.broadcast_params(m)
+    for net in nets:
+        common.broadcast_params(net)
     phase = state["phase"] if state is not None else None
     base_phase = args.stage in ("all", "base") and phase in (None, "base")
     batches = None if data is None else common.Batches(

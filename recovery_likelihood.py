@@ -20,10 +20,9 @@ toys. The paper text we have is partial, so the equations are labelled here (R1-
        g_t(x) = exp(f(a_{t+1} x, t) / s_t^2), g_T = N(0, I); x_ij moved by MALA on g_{t+1}^{1-j/J} g_t^{j/J}
   (R7) -log P(x) <= E_e[ -log g_0(x_0) ] + log Z_0 + D log(127.5 / abar_0)   (8-bit x; bits_per_dim)
 
-Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise.
---preset paper (default for cifar10, celeba, lsun_*): the authors' configuration and protocol (FID of
-50,000 samples, Langevin noise 0.99, against the training split); docs/recovery_likelihood.md lists it
-with every deviation. --preset small: CPU-sized, every other data set.
+Langevin convention (common.langevin): y <- y + (s^2/2) grad log p(y) + s * noise. --preset paper (default
+for cifar10, celeba, lsun_*): the authors' configuration and protocol (FID of 50,000 samples against the
+training split, Langevin noise 0.99); deviations in docs/recovery_likelihood.md. --preset small: the rest.
 
 Demo (offline; 4 min 20 s on 2 CPU cores):
     python recovery_likelihood.py            # 8 Gaussians: mmd 5.9e-4, nll 0.944 (AIS), nll_exact 0.949
@@ -69,12 +68,11 @@ def get_args(argv=None):
                            batch_size_help="default 256 toys, 64 images; paper 256 CIFAR-10, 128 CelebA, 64 LSUN")
     p.add_argument("--T", type=int, default=6, help="number of noise levels (paper: 6 for FID, 1000 for likelihood)")
     p.add_argument("--n-steps", type=int, default=None,
-                   help="Langevin steps K per level (paper: 30; default 30, 15 for --net unet, docs/recovery_likelihood.md)")
+                   help="Langevin steps K per level (default 30, 15 for --net unet; paper 30)")
     p.add_argument("--b-square", type=float, default=None,
                    help="b^2 of the step-size rule (R3) (default 3e-2 toys, 2e-4 images; paper 2e-4)")
     p.add_argument("--step-cap", type=float, default=None,
-                   help="cap s_t <= cap * sigma_{t+1} (R3; ours: default 0.3, --net unet 0.42; inactive under the "
-                        "paper preset)")
+                   help="cap s_t <= cap * sigma_{t+1} (R3; ours: default 0.3, --net unet 0.42; paper: inactive)")
     p.add_argument("--step-floor", type=float, default=None,
                    help="floor s_t >= floor * sigma_{t+1} at levels t >= 1, at most --step-cap (R3; ours: default "
                         "0.42 --net unet, 0.3 --net resnet; 0 = off: toys and paper)")
@@ -82,8 +80,7 @@ def get_args(argv=None):
                    help="cap c on each Langevin step's drift norm, c sigma_{t+1} sqrt(dim) (R3'; ours: default 0.1 "
                         "for small --net resnet; 0 = off: toys, --net unet and paper)")
     p.add_argument("--sample-noise", type=float, default=0.99, help="Langevin noise scale when sampling (paper 0.99)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default 5e-4; paper preset 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-4; paper preset 1e-4)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; 0.5 for CelebA / LSUN)")
     p.add_argument("--warmup", type=int, default=None, help="linear lr warm-up steps (paper 1000; default 100)")
     p.add_argument("--lr-decay", default=None, choices=["none", "cosine"],
@@ -154,8 +151,7 @@ def get_args(argv=None):
 
 
 def load_data(args):
-    """Toys: (None, None) (fresh samples each step). Images: (train, test), uint8 arrays [N, C, H, W]
-    or, for CelebA and LSUN, folders read lazily (common.ImageFolder); 28 px padded to 32."""
+    """(train, test) images: uint8 [N, C, H, W] or lazy folders (CelebA, LSUN); 28 px padded to 32. Toys: None."""
     if args.dataset in common.TOYS:
         return None, None
     pad = args.dataset in ("mnist", "fashion")
@@ -164,34 +160,27 @@ def load_data(args):
 
 
 def diffusion_schedule(T):
-    """Coarse levels of DDPM's 1000 linear betas (1e-4 .. 0.02), authors' code (NOTES.md 1).
+    """Coarse levels of DDPM's 1000 linear betas (1e-4 .. 0.02), authors' code (NOTES.md 1): float64
+    a, sigma, abar, sigmabar with T+1 entries, a_t the product of sqrt(1 - beta) over block t.
 
-    Level boundaries [0, 1, .., T-1] * (1000 // ((T-1)*2)) plus 999 (T = 6: 0,100,..,500,999);
-    a_t = product of sqrt(1 - beta) over the block ending at boundary t. For T > 501 that
-    stride is 0, so we use T evenly spread boundaries in 0..999 plus a last block made of one
-    beta = 1 (x_T pure noise; the authors' code appends that beta too): T = 1000 is one DDPM
-    step per level. Returns float64 tensors with T+1 entries: a, sigma, abar, sigmabar.
-    """
+    Boundaries [0, 1, .., T-1] * (1000 // ((T-1)*2)) plus 999 (T = 6: 0,100,..,500,999). For T > 501
+    that stride is 0: T evenly spread boundaries plus one last beta = 1 (x_T pure noise, as the
+    authors' code appends), so T = 1000 is one DDPM step per level."""
     betas = np.append(np.linspace(1e-4, 0.02, 1000, dtype=np.float64), 1.0)
     sqrt_alphas = np.sqrt(1.0 - betas)
     if T <= 501:
         idx = [i * (1000 // ((T - 1) * 2)) for i in range(T)] + [999]
     else:
         idx = np.round(np.linspace(0, 999, T)).astype(int).tolist() + [1000]
-    a = [np.prod(sqrt_alphas[: idx[0] + 1])] + [np.prod(sqrt_alphas[idx[i - 1] + 1: idx[i] + 1])
-                                                for i in range(1, len(idx))]
-    a = torch.tensor(a, dtype=torch.float64)
-    sigma = (1 - a ** 2).sqrt()
+    ends = [-1] + idx
+    a = torch.tensor([np.prod(sqrt_alphas[lo + 1: hi + 1]) for lo, hi in zip(ends[:-1], ends[1:])], dtype=torch.float64)
     abar = torch.cumprod(a, 0)
-    sigmabar = (1 - abar ** 2).sqrt()
-    return {"a": a, "sigma": sigma, "abar": abar, "sigmabar": sigmabar}
+    return {"a": a, "sigma": (1 - a ** 2).sqrt(), "abar": abar, "sigmabar": (1 - abar ** 2).sqrt()}
 
 
 def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor=0.0):
-    """diffusion_schedule plus what the sampler needs, as float32 on `device` (moved there once;
-    T and drift_cap stay Python numbers): a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top),
-    recovery[t+1] (0 at the top: no Gaussian term), s[t] the Langevin step of level t (R3, with the
-    floor and the cap)."""
+    """diffusion_schedule plus, as float32 on `device`, a_prev[t+1] (y = a_{t+1} x_t; 1 at the top),
+    recovery[t+1] (0 at the top: no Gaussian term) and s[t], level t's Langevin step (R3)."""
     sch = diffusion_schedule(T)
     a_prev = sch["a"].clone()
     a_prev[T] = 1.0  # top level: marginal EBM of x_{T-1} itself
@@ -199,21 +188,25 @@ def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor
     recovery[T] = 0.0
     t = torch.arange(T)
     s2 = (sch["sigmabar"][t] / sch["sigmabar"][0]) * b_square * sch["sigma"][t + 1] ** 2  # (R3)
-    floor = (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2  # ours, images: above level 0 only (docs/recovery_likelihood.md)
-    s2 = torch.maximum(s2, floor)  # so that K steps can reach p(y_t | x_{t+1})
+    # ours, images, above level 0 only: so that K steps can reach p(y_t | x_{t+1}) (docs/recovery_likelihood.md)
+    s2 = torch.maximum(s2, (t >= 1) * step_floor ** 2 * sch["sigma"][t + 1] ** 2)
     s2 = torch.minimum(s2, step_cap ** 2 * sch["sigma"][t + 1] ** 2)  # our cap (NOTES.md: toys)
     sch.update(a_prev=a_prev, recovery=recovery, s=s2.sqrt())
     sch = {k: v.float().to(device) for k, v in sch.items()}
     return dict(sch, T=T, drift_cap=drift_cap)
 
 
+def column(v, x):
+    """v [B] shaped to broadcast against x [B, ...]."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
 def q_sample_pairs(x, t, sch):
     """(R1): (x_t, x_{t+1}) for data x [B, ...] and levels t [B]. x_{t+1} = a_{t+1} x_t + sigma_{t+1} e'
     at every level, the top one included (a_T x_{T-1} + sigma_T e', nearly N(0, I); authors' code):
     a_T here, not the a_prev = 1 that only scales the top level's y."""
-    col = lambda v: v[t].reshape(-1, *([1] * (x.dim() - 1)))
-    x_t = col(sch["abar"]) * x + col(sch["sigmabar"]) * torch.randn_like(x)
-    x_next = col(sch["a"][1:]) * x_t + col(sch["sigma"][1:]) * torch.randn_like(x)
+    x_t = column(sch["abar"][t], x) * x + column(sch["sigmabar"][t], x) * torch.randn_like(x)
+    x_next = column(sch["a"][t + 1], x) * x_t + column(sch["sigma"][t + 1], x) * torch.randn_like(x)
     return x_t, x_next
 
 # ======================================================================================
@@ -222,11 +215,8 @@ def q_sample_pairs(x, t, sch):
 
 
 class EnergyMLP(nn.Module):
-    """Toy energy f(y [B, 2], t [B]) -> [B]: the ResNet's level conditioning in an MLP. A
-    sinusoidal embedding of t -> two dense layers; its projection is added after every hidden
-    layer, and the output is the last hidden layer dotted with a vector from the embedding.
-    n_levels: the number of levels T (the level vectors are computed once per level and
-    gathered when T <= B)."""
+    """Toy energy f(y [B, 2], t [B]) -> [B] with the ResNet's level conditioning: an embedding of t is
+    added after every hidden layer, and the last one is dotted with a vector from it. n_levels: T."""
 
     def __init__(self, hidden=128, depth=3, input_scale=4.0, temb=32, n_levels=6):
         super().__init__()
@@ -237,8 +227,7 @@ class EnergyMLP(nn.Module):
         self.head = nn.Linear(hidden, hidden)
 
     def forward(self, y, t):
-        # the level vectors depend on t alone: a table of all T levels, gathered (torch.unique
-        # would cost a host sync per call), or one per example when there are more levels than examples
+        # a table of all T level vectors gathered by t (torch.unique would cost a host sync), or one per example
         if self.n_levels <= len(t):
             levels, index = torch.arange(self.n_levels, device=t.device), t
         else:
@@ -251,16 +240,14 @@ class EnergyMLP(nn.Module):
 
 
 class EnergyUNet(nn.Module):
-    """Images, ours (--net unet): f(y, t) = -(s_t^2 / (2 v_t)) ||y - U(y, t)||^2 with U a U-Net,
-    so that the level's log-density f / s_t^2 = -||y - U(y, t)||^2 / (2 v_t) is Salimans & Ho's
-    energy (energy_vs_score.py, model B). v_t = (a_{t+1} sigmabar_t)^2 is the noise variance of
-    y_t: where U denoises, grad (f / s_t^2) is the score of y_t at the right scale, and where
-    U(y) = 0 the level is N(0, v_t I). The recovery objective and sampler are unchanged."""
+    """Images, ours (--net unet): f(y, t) = -(s_t^2 / (2 v_t)) ||y - U(y, t)||^2, U a U-Net, so that
+    f / s_t^2 is Salimans & Ho's energy (energy_vs_score.py, model B). v_t = (a_{t+1} sigmabar_t)^2,
+    the noise variance of y_t: where U denoises, grad (f / s_t^2) is y_t's score at the right scale;
+    where U(y) = 0 the level is N(0, v_t I)."""
 
     def __init__(self, unet, sch):
         super().__init__()
-        T = int(sch["T"])
-        v = (sch["a_prev"][1:T + 1] * sch["sigmabar"][:T]) ** 2
+        v = (sch["a_prev"][1:] * sch["sigmabar"][:-1]) ** 2  # levels 0..T-1
         self.unet = unet
         self.register_buffer("scale", (sch["s"] ** 2 / (2 * v)).float().cpu())
 
@@ -270,10 +257,8 @@ class EnergyUNet(nn.Module):
 
 
 def make_model(args, in_ch):
-    """The energy network f(y, t): an MLP for 2-D toys; for images the authors' ResNet (--net
-    resnet; common.EnergyResNet: time embedding in every block, spectral norm on all but the
-    head, leaky-ReLU 0.2, avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)
-    or our U-Net energy (--net unet, --preset small's image default)."""
+    """The energy network f(y, t): an MLP for 2-D toys; for images the authors' ResNet (--net resnet,
+    common.EnergyResNet) or our U-Net energy (--net unet)."""
     if args.dataset in common.TOYS:
         return EnergyMLP(args.hidden, 3, args.input_scale, n_levels=args.T)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
@@ -285,25 +270,19 @@ def make_model(args, in_ch):
 
 
 def with_amp(f, amp, device):
-    """f(y, t) with its forward pass under bf16 autocast (--amp bf16) and its output cast back to
-    fp32, so that f / s_t^2, the Langevin steps and the loss are fp32 arithmetic; f itself for
-    --amp none. The AIS and NLL log-densities use f unwrapped (fp32 throughout)."""
+    """f(y, t) under bf16 autocast (--amp bf16) with its output cast back to fp32, so that f / s_t^2,
+    the Langevin steps and the loss stay fp32 (AIS and NLL use f unwrapped)."""
     if amp == "none":
         return f
 
     def f_amp(y, t):
         with common.autocast(amp, device):
-            out = f(y, t)
-        return out.float()
+            return f(y, t).float()
     return f_amp
 
 # ======================================================================================
 # Objective
 # ======================================================================================
-
-
-def column(v, x):
-    return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def recovery_log_p(f, x_next, t, sch):
@@ -343,21 +322,19 @@ def recovery_sample(f, start, x_next, t, sch, n_steps, noise_scale, trace=False)
     s, clip = sch["s"][t], None
     if sch["drift_cap"] > 0:  # ours: each step's drift (s^2/2) grad log p has norm <= cap sigma_{t+1} sqrt(D)
         clip = 2 * sch["drift_cap"] * sch["sigma"][t + 1] * math.sqrt(start[0].numel()) / s ** 2
-    return common.langevin(log_p, start, n_steps, s, noise_scale=noise_scale, grad_clip=clip,
-                           trace=trace)
+    return common.langevin(log_p, start, n_steps, s, noise_scale=noise_scale, grad_clip=clip, trace=trace)
 
 
 @torch.no_grad()
 def progressive_sample(f, n, shape, sch, n_steps, noise_scale, device, keep_levels=False):
-    """(R5): x_T ~ N(0, I), then one recovery chain per level down to x_0. Returns x_0
-    [n, ...] (and the list [x_{T-1}, .., x_0] when keep_levels)."""
+    """(R5): x_T ~ N(0, I), then one recovery chain per level down to x_0. Returns x_0 [n, ...]
+    (and the list [x_{T-1}, .., x_0] when keep_levels)."""
     T = int(sch["T"])
     x = torch.randn(n, *shape, device=device)
     levels = []
     for level in reversed(range(T)):
         t = torch.full((n,), level, device=device, dtype=torch.long)
-        y = recovery_sample(f, x, x, t, sch, n_steps, noise_scale)
-        x = y / sch["a_prev"][level + 1]
+        x = recovery_sample(f, x, x, t, sch, n_steps, noise_scale) / sch["a_prev"][level + 1]
         levels.append(x)
     return (x, levels) if keep_levels else x
 
@@ -404,21 +381,13 @@ def diagnostics(loss, diag, T, grad_norm):
     return row
 
 
-def runaway_limit(dim):
-    """check_runaway's limit on |loss| for data of dim dimensions: 5 per 1024 dimensions, at least 5."""
-    return 5.0 * max(1.0, dim / 1024)
-
-
 def check_runaway(step, loss, dim):
-    """Stop a run whose loss (a weighted mean energy gap) has run away: the sampler's chains no
-    longer reach the model's modes and the energies grow without bound. The limit, 5 at 1024
-    dimensions, was set on 32 x 32 Fashion-MNIST, where healthy runs stay below it and runaways
-    pass it (docs/); it grows in proportion to D above that, because f is a sum over pixels (the
-    ResNet's spatial sum, the U-Net energy's squared norm), so a healthy gap does too: 15 for
-    CIFAR-10, 60 for CelebA 64, 240 for LSUN 128 (runaway_limit). Checked only after the lr
-    warm-up (until then the gap measures the fresh network's mismatch). NaN is caught by
-    common.check_finite; this catches the finite blow-up."""
-    limit = runaway_limit(dim)
+    """Stop a run whose loss (a weighted mean energy gap) has run away: the chains no longer reach the
+    model's modes and the energies grow without bound (NaN is common.check_finite's). The limit is 5 at
+    1024 dimensions (docs/) and grows with D above that, because f is a sum over pixels and so is a
+    healthy gap: 15 for CIFAR-10, 60 for CelebA 64, 240 for LSUN 128. Checked after the lr warm-up only:
+    until then the gap measures the fresh network's mismatch."""
+    limit = 5.0 * max(1.0, dim / 1024)
     if abs(loss) > limit:
         raise common.Diverged(f"training diverged at step {step} (|loss| = {abs(loss):.3g} > {limit:g}: the samples' "
                               "energies ran away from the data's); checkpoints written so far are from before it. "
@@ -426,8 +395,7 @@ def check_runaway(step, loss, dim):
 
 
 def learning_rate(args, step):
-    """Linear warm-up (authors' code), then constant (paper, --preset paper) or a cosine
-    decay to 0 (ours, the default)."""
+    """Linear warm-up (authors' code), then constant (paper) or a cosine decay to 0 (ours, the default)."""
     lr = args.lr * min(1.0, (step + 1) / args.warmup)
     if args.lr_decay == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / max(args.steps, 1)))
@@ -453,15 +421,12 @@ def ais_reliable(ess, n):
 
 
 def ais_log_z(f, n, shape, sch, steps_per_level, device):
-    """(R6): AIS from N(0, I) down the learned levels, one MALA step per geometric bridge.
-
-    The MALA step starts at the level's Langevin step (in x units) and adapts to keep the
-    acceptance near 0.6; it is a tensor on the device, so the adaptation costs no host sync.
-    Accept / reject is a select (torch.where): a rejected proposal, even an inf or NaN one,
-    never enters the chain. The kernel is written out here rather than taken from
-    common.langevin because its target changes at every step and the two levels' values at
-    the current point are reused for the weights. Returns (log Z_0, its standard error, ESS).
-    """
+    """(R6): AIS from N(0, I) down the learned levels, one MALA step per geometric bridge; returns
+    (log Z_0, its standard error, ESS). Written out rather than taken from common.langevin: the target
+    changes at every step and both levels' values at the current point are reused for the weights.
+    The MALA step starts at the level's Langevin step (in x units) and adapts, as a device tensor
+    (no host sync), to keep the acceptance near 0.6; a rejected proposal, even inf or NaN, is never
+    selected (torch.where)."""
     T = int(sch["T"])
 
     def both_levels(x, level):  # (log g_{t+1}(x), log g_t(x), their gradients)
@@ -535,14 +500,11 @@ def mode_weight_split(f, sch, name, lim, n):
     h = 2 * lim / n
     g = -lim + h * (torch.arange(n, dtype=torch.float64) + 0.5)
     pts = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2).float()
-    dev = sch["s"].device
-    with torch.no_grad():
-        lg = torch.cat([log_g(f, p.to(dev), 0, sch).double().cpu() for p in pts.split(40000)])
+    log_g0 = -nll_terms(f, pts.to(sch["s"].device), sch, batch=40000).cpu()
     cell = torch.cdist(pts.double(), means.double()).argmin(1)
-    log_mass = torch.stack([torch.logsumexp(lg[cell == k], 0) for k in range(len(means))])
+    log_mass = torch.stack([torch.logsumexp(log_g0[cell == k], 0) for k in range(len(means))])
     log_mass = log_mass - torch.logsumexp(log_mass, 0)
-    M = len(means)
-    kl = (-math.log(M) - log_mass).mean().item()  # sum_k (1/M) log((1/M) / m_k)
+    kl = (-math.log(len(means)) - log_mass).mean().item()  # sum_k (1/M) log((1/M) / m_k)
     return log_mass.exp().tolist(), kl
 
 
@@ -569,10 +531,9 @@ def bits_per_dim(f, x, sch, log_z, batch=100):
 
 
 def draw_samples(f, n, shape, sch, args, device, chunk=100, n_steps=None):
-    """(R5) samples for the metrics, shared by the ranks under torchrun: each rank draws its share
-    of n (common.rank_share) in chunks from its own random stream, and rank 0 collects them chunk
-    by chunk (common.gather_rows, a collective). n_steps per level: --n-steps unless given (the
-    long-run chains). Returns x [n, ...] on the CPU on rank 0, None on the other ranks."""
+    """(R5) samples for the metrics: under torchrun each rank draws its share of n (common.rank_share)
+    in chunks, and rank 0 collects them (common.gather_rows, a collective). n_steps: --n-steps unless
+    given (long-run chains). Returns x [n, ...] on the CPU on rank 0, None on the other ranks."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     mine, most = common.rank_share(n), -(-n // world)  # every rank calls gather_rows equally often
     parts = []
@@ -596,11 +557,20 @@ def log_z_grid(log_f, lim=4.0, n=400, batch=40000):
     return (torch.logsumexp(vals, 0) + 2 * math.log(h)).item()
 
 
+def toy_sample_metrics(x, args, sch):
+    """mmd of toy samples x against fresh level-0 data (x plus sigmabar_0 noise); hq_frac / modes."""
+    data = common.toy_sample(args.dataset, args.eval_samples)
+    metrics = {"mmd": common.mmd_rbf(x, data + float(sch["sigmabar"][0]) * torch.randn_like(data))}
+    if common.toy_modes(args.dataset) is not None:
+        metrics.update(common.mode_stats(x, args.dataset))
+    return metrics
+
+
 def evaluate_toy(f, args, sch, device, x_gen):
     """mmd of x_gen, nll (AIS), nll_exact (quadrature), nll_true, the mode-weight split, hq_frac/modes."""
     sigmabar0 = float(sch["sigmabar"][0])
-    data = common.toy_sample(args.dataset, args.eval_samples)
-    metrics = {"mmd": common.mmd_rbf(x_gen, data + sigmabar0 * torch.randn_like(data))}
+    sample_metrics = toy_sample_metrics(x_gen, args, sch)
+    metrics = {"mmd": sample_metrics.pop("mmd")}  # hq_frac / modes go last (the summary line's order)
     x_test = common.toy_sample(args.dataset, args.test_points)
     x_test = x_test + sigmabar0 * torch.randn_like(x_test)  # level 0 is x_0: data plus sigmabar_0 noise
     terms = nll_terms(f, x_test.to(device), sch).cpu()
@@ -619,7 +589,7 @@ def evaluate_toy(f, args, sch, device, x_gen):
         metrics["kl_mode_weights"] = kl  # nll_exact - nll_true = kl_mode_weights + within-mode part
         metrics["nll_within_mode"] = metrics["nll_exact"] - metrics["nll_true"] - kl
         metrics["mode_mass_min"], metrics["mode_mass_max"] = min(masses), max(masses)
-        metrics.update(common.mode_stats(x_gen, args.dataset))
+    metrics.update(sample_metrics)
     return metrics
 
 
@@ -653,31 +623,26 @@ def evaluate_long_run(args, sch, device, x_long, toy):
     the mode numbers with the suffix _long_run (toys). The paper's claim: they stay realistic."""
     if not toy:
         return {"fid_long_run": common.fid_vs_data(x_long, args.dataset, args.data_dir, args.fid_split, device)}
-    data = common.toy_sample(args.dataset, args.eval_samples)
-    sigmabar0 = float(sch["sigmabar"][0])
-    metrics = {"mmd": common.mmd_rbf(x_long, data + sigmabar0 * torch.randn_like(data))}
-    if common.toy_modes(args.dataset) is not None:
-        metrics.update(common.mode_stats(x_long, args.dataset))
-    return {f"{k}_long_run": v for k, v in metrics.items()}
+    return {f"{k}_long_run": v for k, v in toy_sample_metrics(x_long, args, sch).items()}
 
 
 def save_pictures(f, args, sch, device, out, name, shape, toy):
     """The denoising strip: 8 chains (images) or 2000 points (toys) at every level."""
     n = 2000 if toy else 8
     _, levels = progressive_sample(f, n, shape, sch, args.n_steps, args.sample_noise, device, keep_levels=True)
-    T = int(sch["T"])
+    T, most = int(sch["T"]), 8 if toy else 16  # levels shown
     if not common.is_main():
         return
+    show = levels if T <= most else [levels[i] for i in np.linspace(0, T - 1, most).round().astype(int)]
     if toy:
-        show = levels if T <= 8 else [levels[i] for i in np.linspace(0, T - 1, 8).round().astype(int)]
         common.save_toy_panels(out / name, [(f"x_{T - 1 - i}" if T <= 8 else "", p.cpu()) for i, p in enumerate(show)])
     else:
-        show = levels if T <= 16 else [levels[i] for i in np.linspace(0, T - 1, 16).round().astype(int)]
         strip = torch.stack(show, 1).reshape(-1, *shape)  # row = one chain, column = a level
         common.save_image_grid(out / name, strip.cpu(), nrow=len(show))
 
 
 def save_long_run(f, args, sch, device, out, shape, toy):
+    """long_run.png (the chains' stages), long_run_energy.png and long_run.json (mean log p per step)."""
     n = 2000 if toy else 8
     snaps, energies = long_run(f, n, shape, sch, args.n_steps * args.long_run, args.sample_noise, device)
     if toy:
@@ -716,7 +681,6 @@ def main(argv=None):
     sch = make_schedule(args.T, args.b_square, args.step_cap, device, args.drift_cap, args.step_floor)
     workers = max(1, min(4, (os.cpu_count() or 1) // world))  # image decoders for CelebA / LSUN (folders)
     batches = None if toy else common.Batches(train, args.batch_size // world, args.seed, device, workers)
-    dim = math.prod(shape)
     step = 0
     if args.resume or args.eval_only:
         # every flag that changes the network, the levels or the objective's negatives (the chain) must match
@@ -771,7 +735,7 @@ def main(argv=None):
             save_due = step % args.ckpt_every == 0 or step == args.steps
             # host syncs (.item()) only here, at log and checkpoint steps
             if (log_due or save_due) and step > args.warmup:  # before a checkpoint could store a runaway model
-                check_runaway(step, common.mean_over_ranks(loss), dim)
+                check_runaway(step, common.mean_over_ranks(loss), math.prod(shape))
             if log_due:
                 gnorm = torch.sqrt(sum((p.grad ** 2).sum() for p in params if p.grad is not None)).item()
                 row = diagnostics(loss, diag, args.T, gnorm)
@@ -785,17 +749,15 @@ def main(argv=None):
 
     # every rank draws its share of the samples; rank 0 computes the metrics (same EMA weights everywhere)
     n = args.eval_samples if toy else (args.fid_samples or 64)
-    x_gen = draw_samples(f_sample, n, shape, sch, args, device, chunk=n if toy else 100)
+    chunk = n if toy else 100
+    x_gen = draw_samples(f_sample, n, shape, sch, args, device, chunk)
     x_long = None
     if args.long_run and (toy or args.fid_samples):  # as many samples from chains --long-run times longer
-        x_long = draw_samples(f_sample, n, shape, sch, args, device, chunk=n if toy else 100,
-                              n_steps=args.n_steps * args.long_run)
+        x_long = draw_samples(f_sample, n, shape, sch, args, device, chunk, n_steps=args.n_steps * args.long_run)
     if not common.is_main():
         return
-    if toy:
-        metrics = evaluate_toy(ema, args, sch, device, x_gen)
-    else:
-        metrics = evaluate_images(ema, args, sch, device, test, x_gen)
+    metrics = (evaluate_toy(ema, args, sch, device, x_gen) if toy
+               else evaluate_images(ema, args, sch, device, test, x_gen))
     if x_long is not None:
         metrics.update(evaluate_long_run(args, sch, device, x_long, toy))
     if args.eval_only:

@@ -494,3 +494,11 @@ def test_dcgan_nets_shapes():
         x = latent_tilt.dcgan_generator(10, 3, 16, size)(torch.randn(2, 10))
         assert x.shape == (2, 3, size, size) and x.abs().max() <= 1
         assert latent_tilt.dcgan_encoder(7, 3, 16, size)(x).shape == (2, 7)
+
+
+def test_replay_buffer_write_back_gives_each_slot_one_whole_chain_the_last_that_drew_it():
+    buffer = torch.zeros(6, 1, 2, 2)
+    idx = torch.tensor([4, 1, 4, 0, 1, 4])
+    x = torch.arange(1.0, 7.0)[:, None, None, None].expand(6, 1, 2, 2)  # chain k is the constant image k + 1
+    latent_tilt.write_back(buffer, idx, x)
+    assert buffer.flatten(1).tolist() == [[4.0] * 4, [5.0] * 4, [0.0] * 4, [0.0] * 4, [6.0] * 4, [0.0] * 4]
