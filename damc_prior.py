@@ -20,7 +20,7 @@ log_px_gap (held-out log p(x), learned minus true prior), prior_mmd.
 Langevin (poster, authors' code; common.langevin's "s" convention, in fp32), with U = -log pi:
     z <- z - s^2/2 grad U(z) + s w = z + s^2/2 grad log pi(z) + s w,  w ~ N(0, I)
 
-Offline demo (toy; 6 min 44 s on 2 CPU cores):   python damc_prior.py
+Offline demo (toy; 4 min 49 s on 2 CPU cores):   python damc_prior.py
     post_dist_damc 0.017 vs. post_dist_langevin 0.139; log_px_gap -0.080 nats (N(0, I): -0.746)
 Images:  python damc_prior.py --dataset fashion --steps 1500 --slow-rate 0.05 --fid-samples 1000 \
              --recon-images 1000
