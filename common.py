@@ -45,11 +45,6 @@ class Diverged(UserError):
 # Langevin dynamics
 # ======================================================================================
 
-def _per_step(value, k):
-    """`value` is a number, a tensor, or a sequence with one entry per step."""
-    return value[k] if isinstance(value, (list, tuple)) else value
-
-
 def _as_column(value, x):
     """A float or a per-sample tensor [B] -> something that broadcasts against x [B, ...]."""
     if torch.is_tensor(value):
@@ -79,10 +74,10 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
 
     log_p: callable x [B, ...] -> [B] (for an energy E pass `lambda x: -E(x)`).
     x: the chains' start [B, ...]; never modified in place.
-    step_size: a float, a tensor [B] (one per chain), or a sequence of n_steps of either.
+    step_size: a float or a tensor [B] (one per chain).
       convention "s":   x <- x + s^2/2 grad log p + s * noise_scale * noise   (step_size = s)
       convention "eps": x <- x + eps/2 grad log p + sqrt(eps) * noise_scale * noise  (= eps)
-    noise_scale: a float or a per-step sequence (e.g. 0.99 when sampling for FID).
+    noise_scale: a float (e.g. 0.99 when sampling for FID, 0 for noise-free steps).
     grad_clip: cap on each chain's gradient L2 norm (None: off).
     mh: Metropolis-Hastings correction (MALA); the proposal is N(x + s^2/2 g, (s*noise)^2).
     trace: also return a dict with `log_p` [K, B] and `grad_norm` [K, B] at the start of each
@@ -95,6 +90,10 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
     x = x.detach().float()
     if mh:  # MALA needs log p and its gradient at both ends of every proposal
         lp, grad = _log_p_and_grad(log_p, x)
+    if convention == "eps":  # to the s of x <- x + s^2/2 grad log p + s noise
+        step_size = step_size.sqrt() if torch.is_tensor(step_size) else math.sqrt(step_size)
+    s = _as_column(step_size, x)
+    tau = s * float(noise_scale)
     log_ps, grad_norms, traj, accepted = [], [], [x], []
     for k in range(n_steps):
         if not mh:  # exactly one forward + input-gradient per step
@@ -104,11 +103,6 @@ def langevin(log_p, x, n_steps, step_size, *, noise_scale=1.0, convention="s",
         if trace:  # log p and gradient norm at the start of step k
             log_ps.append(lp)
             grad_norms.append(grad.flatten(1).norm(dim=1))
-        s = _per_step(step_size, k)
-        if convention == "eps":
-            s = s.sqrt() if torch.is_tensor(s) else math.sqrt(s)
-        s = _as_column(s, x)
-        tau = s * _as_column(_per_step(noise_scale, k), x)
         mean = x + 0.5 * s ** 2 * grad
         x_new = mean + tau * torch.randn_like(x)
         if mh:
@@ -151,15 +145,13 @@ def timestep_embedding(t, dim, max_period=10000.0):
     return F.pad(emb, (0, dim % 2))
 
 
-def mlp(sizes, act=nn.SiLU, out_act=None):
-    """A fully connected net: sizes = [in, hidden, ..., out]; `act` between layers."""
+def mlp(sizes, act=nn.SiLU):
+    """A fully connected net: sizes = [in, hidden, ..., out]; `act` between layers, none after the last."""
     layers = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
             layers.append(act())
-    if out_act is not None:
-        layers.append(out_act())
     return nn.Sequential(*layers)
 
 
@@ -339,14 +331,14 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM U-Net (Ho et al. 2020): f(x [B, C, H, W], t [B]) -> [B, out_ch, H, W].
+    """DDPM U-Net (Ho et al. 2020): f(x [B, C, H, W], t [B]) -> [B, C, H, W].
 
     ch_mult sets the channels per resolution level, num_res_blocks the blocks per level,
     attn_res the resolutions (in pixels) that get self-attention.
     """
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_res=(16,), dropout=0.1, resolution=32, out_ch=None):
+                 attn_res=(16,), dropout=0.1, resolution=32):
         super().__init__()
         self.ch = ch
         temb_dim = 4 * ch
@@ -376,7 +368,7 @@ class UNet(nn.Module):
                                              nn.Conv2d(cin, cin, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(nn.GroupNorm(_groups(cin), cin), nn.SiLU(),
-                                 nn.Conv2d(cin, out_ch or in_ch, 3, padding=1))
+                                 nn.Conv2d(cin, in_ch, 3, padding=1))
 
     def forward(self, x, t):
         temb = self.temb(timestep_embedding(t, self.ch).to(x.dtype))
@@ -484,13 +476,13 @@ def toy_log_prob(name, x):
     return None
 
 
-def mode_stats(x, name, n_std=4.0):
-    """hq_frac: fraction of samples x [N, 2] within n_std std of a mode centre; modes: the
-    number of modes that hold at least one such sample (CONVENTIONS.md)."""
+def mode_stats(x, name):
+    """hq_frac: fraction of samples x [N, 2] within 4 std of a mode centre; modes: the number
+    of modes that hold at least one such sample (CONVENTIONS.md)."""
     means, std = toy_modes(name)
     d = torch.cdist(x.double().cpu(), means.double())
     nearest_d, nearest = d.min(1)
-    good = nearest_d <= n_std * std
+    good = nearest_d <= 4 * std
     return {"hq_frac": good.float().mean().item(), "modes": int(nearest[good].unique().numel())}
 
 
