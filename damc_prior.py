@@ -231,7 +231,10 @@ def toy_batch(args, g, n, device, generator=None):
     """x = g(z) + sigma * noise, z from the true latent -> (x [n, 2], z [n, 2]); the noise is drawn on
     the device unless a CPU generator is given."""
     z = toy_latent(args, n, generator).to(device)
-    noise = torch.randn(n, 2, device=device) if generator is None else torch.randn(n, 2, generator=generator).to(device)
+    if generator is None:
+        noise = torch.randn(n, 2, device=device)
+    else:
+        noise = torch.randn(n, 2, generator=generator).to(device)
     with torch.no_grad():
         return g(z) + args.sigma * noise, z
 
@@ -248,9 +251,11 @@ def image_data(args, split="train", collective=True):
 # ======================================================================================
 
 def generator(nz, out_ch, ngf, size, start=4):
-    """The authors' generator g_beta: z [B, nz] -> image [B, out_ch, size, size] in (-1, 1), LeakyReLU 0.2,
-    no normalisation. start=4 (authors' SVHN, CelebA-64): the last stride-2 layer outputs the image;
-    start=8 (authors' CIFAR-10): a 3 x 3 transposed conv from 2 ngf channels does."""
+    """The authors' generator g_beta: z [B, nz] -> image [B, out_ch, size, size] in (-1, 1);
+    LeakyReLU 0.2, no normalisation. A start x start transposed conv to 8 ngf channels, then
+    stride-2 4 x 4 transposed convs halving the width up to `size`. start=4 (authors' SVHN,
+    CelebA-64): the last of them outputs the image; start=8 (authors' CIFAR-10): they end at
+    2 ngf channels and a 3 x 3 transposed conv outputs the image."""
     n_up = int(math.log2(size // start))
     width = 8 * ngf
     layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width, start, 1, 0)]
@@ -264,8 +269,9 @@ def generator(nz, out_ch, ngf, size, start=4):
 
 
 def x_encoder(out_dim, in_ch, ndf, size):
-    """The authors' x-encoder of q: image [B, in_ch, size, size] -> [B, out_dim]; convs down to 4 x 4
-    (ndf, 2, 4, 8, 8, ... x ndf channels), then a 4 x 4 conv to out_dim."""
+    """The authors' x-encoder of q: image [B, in_ch, size, size] -> [B, out_dim]. A 3 x 3 conv to
+    ndf channels, then stride-2 4 x 4 convs (2, 4, 8, 8, ... x ndf) down to 4 x 4, each followed by
+    InstanceNorm (affine) and LeakyReLU 0.2, then a 4 x 4 conv to out_dim."""
     layers = [nn.Conv2d(in_ch, ndf, 3, 1, 1), nn.InstanceNorm2d(ndf, affine=True), nn.LeakyReLU(0.2)]
     width = ndf
     for i in range(int(math.log2(size // 4))):
@@ -291,9 +297,12 @@ class ContextLinear(nn.Module):
 
 
 class EpsNet(nn.Module):
-    """q's noise predictor eps_hat(z_lambda, lambda, c) = z_lambda + U(...) (residual, as the authors):
-    z [B, nz], logsnr [B], c [B, nxemb] (x-encoding or prior embedding) -> [B, nz]. A U-net of
-    ContextLinear layers on Fourier features of z, with context [time embedding, c]."""
+    """q's noise predictor eps_hat(z_lambda, lambda, c) = z_lambda + U(...) (residual, as the authors).
+
+    z [B, nz], logsnr [B], c [B, nxemb] (x-encoding or prior embedding) -> [B, nz]. Input: Fourier
+    features [sin 2 pi zB, cos 2 pi zB, z] with a learned B [nz, nz/2]; ContextLinear layers of
+    widths w/2, w, w (down), w (middle), w, w/2, nz (up, each fed the matching down output),
+    LeakyReLU 0.01 between them; context = [time embedding, c]."""
 
     def __init__(self, nz, nxemb, width, ntemb=128):
         super().__init__()
@@ -336,7 +345,8 @@ class DiffusionSampler(nn.Module):
         self.eps_net = EpsNet(nz, nxemb, width)
 
     def condition(self, x=None, n=None, p_mask=0.0, amp="none"):
-        """[B, nxemb] fp32: the x-encoding, each row replaced w.p. p_mask (x None: always) by the prior embedding."""
+        """[B, nxemb] fp32: the x-encoding, each row replaced with probability p_mask (x None:
+        always) by the prior embedding of fresh noise."""
         dev = x.device if x is not None else next(self.parameters()).device
         with common.autocast(amp, dev):
             if x is None:
@@ -581,9 +591,10 @@ def exact_posterior_sample(x, grid_info, sigma, n):
 
 def true_grid_log_mass(args, grid_info, n_r=3000, n_t=300):
     """log of the TRUE latent's probability of each grid cell [n*n] (cells of exact_posterior_grid),
-    renormalised on the grid. pinwheel: common.pinwheel_sample's Gaussian (r, t) pushed through its map
-    z = 2 R(2 pi arm / arms + 0.25 e^r) (r, t), integrated by a midpoint rule within 6 std and binned into
-    the cells (the mass outside [-4, 4]^2 is 4e-4). Other toys: common.toy_log_prob at the cell centres."""
+    renormalised on the grid. pinwheel: common.pinwheel_sample's Gaussian (r, t) (radial std 0.3,
+    tangential std 0.1, rate 0.25) pushed through its map z = 2 R(2 pi arm / arms + 0.25 e^r) (r, t),
+    integrated by a midpoint rule over r, t within 6 std (n_r x n_t points per arm) and binned into the
+    cells; the pinwheel's mass outside [-4, 4]^2 is 4e-4. Other toys: common.toy_log_prob at the cell centres."""
     grid, h = grid_info[0], grid_info[3]
     if args.dataset != "pinwheel":
         return torch.log_softmax(common.toy_log_prob(args.dataset, grid.cpu()).to(grid.device), 0)
@@ -665,7 +676,8 @@ def generate(model, args, n, device, batch=250):
             zq.append(q_sample(model["q"], n=b, n_steps=args.q_steps, amp=args.amp))
         ze.append(sample_prior(torch.randn(b, args.nz, device=device), model["E"], args.eval_prior_steps,
                                args.eval_prior_step_size, args.prior_mala))
-    zq, ze = torch.cat(zq) if zq else None, torch.cat(ze)
+    zq = torch.cat(zq) if zq else None
+    ze = torch.cat(ze)
     with torch.no_grad():
         xe = torch.cat([generate_x(model["g"], z, args.amp) for z in ze.split(batch)])
         xq = torch.cat([generate_x(model["g"], z, args.amp) for z in zq.split(batch)]) if zq is not None else None

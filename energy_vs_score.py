@@ -8,12 +8,14 @@ the epsilon-prediction loss, ancestral sampling (Eq. 3), EMA, gradient clipping,
                            eps_hat = sigma_t grad_x E                   (Eq. 6, both terms)
   C  energy ResNet         E = g(x, t) / sigma_t, g a classifier-style ResNet (no input
                            short-cuts), eps_hat = sigma_t grad_x E
-where A and B share f (same code, same initial weights: DDPM's, `ddpm_init`); 2-D toys use MLPs.
+where A and B share f (same code, same initial weights: DDPM's, `ddpm_init`); 2-D toys use MLPs
+(f: R^2 -> R^2 for A and B, g: R^2 -> R for C).
 `--model all` trains A, B and C on the same batches, noise and budget and prints Table 1's comparison.
 `--diagnose` measures Section 2's conservativeness per noise level t: the asymmetry ||J - J^T||_F / ||J||_F
 of eps_hat's Jacobian (random projections) and eps_hat's circulation around small loops.
-Sampling is Eq. 3 (a Langevin step with s^2 = 2 beta_t, the paper's "resembles"), on images with x_0
-clipped to [-1, 1] (--clip-x0, DDPM's). docs/energy_vs_score.md has the rest.
+Sampling is DDPM's ancestral step (Eq. 3), x <- (x + beta_t score) / sqrt(alpha_t) + sqrt(beta_t) noise with
+score = -eps_hat / sigma_t: a Langevin step with s^2 = 2 beta_t (the paper's "resembles"); on images x_0 is
+clipped to [-1, 1] in each step (--clip-x0, DDPM's). docs/energy_vs_score.md has the rest.
 
 Offline demo (8gaussians; 3000 steps of each model, 2000 samples each with a 200-step strided sampler):
     python energy_vs_score.py --model all
@@ -24,8 +26,8 @@ Section 2's diagnostics per noise level on untrained (or, with --eval-only, trai
 Fashion-MNIST (small U-Net, 16 channels, batch 16; 0.1 s per B step on a 2-core CPU):
     python energy_vs_score.py --dataset fashion --model B --steps 500
 Full reproduction (CIFAR-10, --preset paper is its default: DDPM's FID of 50,000 samples, 1000 steps,
-EMA, against the 50,000 training images; one GPU per model, days; mnist, fashion, celeba have the
-same preset, not in the paper):
+EMA, against the 50,000 training images, and IS where torch-fidelity's weights exist; one GPU per model,
+days; mnist, fashion, celeba have the same preset, not in the paper):
     python energy_vs_score.py --dataset cifar10 --model all
     torchrun --nproc_per_node=8 energy_vs_score.py --dataset cifar10 --model B
 """
@@ -51,7 +53,9 @@ MODELS = {"A": "A", "unconstrained": "A", "unconstrained_unet": "A",
           "B": "B", "energy_unet": "B", "energy-unet": "B",
           "C": "C", "energy_resnet": "C", "energy-resnet": "C", "all": "all"}
 
-# Defaults that differ between 2-D toys and images (flags left at None get these).
+# Defaults that differ between 2-D toys and images (flags left at None get these). Images also take
+# diag_batch 4, diag_probes 2 and eval_samples = --fid-samples (at least 16) in parse_args; IMAGE_DEFAULTS
+# holds only what every image preset sets too.
 TOY_DEFAULTS = dict(steps=3000, batch_size=512, lr=1e-3, warmup=200, ema=0.995, ch=128, depth=3, dropout=0.0,
                     sample_steps=200, eval_samples=2000, sample_batch=2000, clip_x0=False, pad_to_32=False,
                     diag_batch=256, diag_probes=8)
@@ -166,8 +170,9 @@ def check_args(args, toy):
 
 def check_levels(args, size):
     """The U-Net halves the image len(ch_mult) - 1 times and doubles it back onto each skip, so the
-    size must be divisible by 2^(levels - 1) (28 -> 14 -> 7 -> 4 cannot meet the 7 px skip), and attention
-    resolutions must be ones it visits. Model C avg-pools and needs >= 1 px."""
+    size must be divisible by 2^(levels - 1) (28 px and 4 levels: 28 -> 14 -> 7 -> 4, and the 8 px upsample
+    cannot meet the 7 px skip), and attention resolutions must be ones it visits. Model C avg-pools and
+    needs >= 1 px."""
     try:
         ch_mult = [int(m) for m in args.ch_mult.split(",")]
         attn = [int(r) for r in args.attn_res.split(",") if r.strip()]
@@ -255,7 +260,8 @@ def build_net(name, args, shape):
         return ToyMLP(1 if name == "C" else 2, args.ch, args.depth)
     ch_mult = tuple(int(m) for m in args.ch_mult.split(","))
     if name == "C":
-        # Classifier-style: no short-cut from x to the output. SiLU also before the spatial sum (where
+        # Classifier-style: no short-cut from x to the output (spatial sum, inner product with a vector from
+        # the time embedding). SiLU also before the spatial sum (where
         # EnergyResNet's default is ReLU): a piecewise-linear E would give a piecewise-constant eps_hat
         # (our choice; the paper gives no details). Its own init is already Glorot uniform, zero biases.
         return common.EnergyResNet(shape[0], args.ch, ch_mult, args.c_blocks, time_embed=True,
@@ -289,10 +295,10 @@ def energy(name, net, x, t, sigma_t, amp="none"):
 
 
 def eps_hat(name, net, x, t, sigma_t, create_graph=False, amp="none"):
-    """The noise prediction eps_hat(x, t) = -sigma_t * score; t [B] in 0..T-1 (the paper's t - 1).
-    create_graph=True (training, diagnostics) lets a loss on eps_hat train E by double backprop.
-    x must reach the network untouched (no detach, no cast), or grad_x E silently loses the
-    second term of Eq. 6."""
+    """The noise prediction eps_hat(x, t) = -sigma_t * score: x [B, ...], t [B] in 0..T-1 (the paper's
+    t - 1), sigma_t [B] = sqrt(1 - alpha_bar_t) -> [B, ...]. create_graph=True (training, diagnostics) lets
+    a loss on eps_hat train E by double backprop. x must reach the network untouched (no detach, no cast),
+    or grad_x E silently loses the second term of Eq. 6. amp 'bf16' autocasts the network's forward only."""
     if name == "A":
         with common.autocast(amp, x.device):
             out = net(x, t)
@@ -359,7 +365,8 @@ def reverse_mean(x, eps, beta, abar, abar_prev, clip_x0=False):
 
 @torch.no_grad()
 def sample(eps_fn, shape, sched, n_steps, var="large", device="cpu", generator=None, clip_x0=False):
-    """DDPM ancestral sampling (Eq. 3) from x_T ~ N(0, I) with eps_fn(x, t); n_steps < T respaces.
+    """DDPM ancestral sampling (Eq. 3) from x_T ~ N(0, I) with eps_fn(x [B, ...], t [B]) -> [B, ...];
+    n_steps < T runs it on respaced betas.
     The noise is drawn on `device` (generator: one of that device); the state stays in the default
     dtype (fp32) whatever precision eps_fn runs in."""
     S, beta, abar, abar_prev = (v.tolist() for v in respaced(sched, n_steps))

@@ -79,7 +79,7 @@ def build_parser():
     p.add_argument("--stage", default="all", choices=["all", "base", "ebm", "pixel"],
                    help="all: base then latent EBM in one folder; base / ebm: one each; pixel: the EBM-on-data "
                         "baseline. EBM --steps: 1000 VAE, 200 GLOW / GLF (paper), toys 2000, pixel 200 (paper 20000, "
-                        "cifar10 100000)")
+                        "cifar10 100000); --ckpt-every: a tenth of them")
     p.add_argument("--base", default="vae", choices=["vae", "glow", "glf"],
                    help="base generative model (--stage ebm: read from --base-ckpt)")
     p.add_argument("--base-ckpt", default=None,
@@ -91,8 +91,8 @@ def build_parser():
     p.add_argument("--base-batch-size", type=int, default=None, help="base batch size (128, GLOW 64, as in the paper)")
     p.add_argument("--base-lr", type=float, default=None, help="base Adam lr (1e-3, GLOW 5e-4, as in the paper)")
     p.add_argument("--base-ckpt-every", type=int, default=None,
-                   help="base steps between checkpoints and sample pictures (default: a tenth of --base-steps; "
-                        "--ckpt-every: a tenth of --steps)")
+                   help="base steps between the base's checkpoints and sample pictures (default: a tenth of "
+                        "--base-steps)")
     p.add_argument("--nz", type=int, default=None, help="latent size (paper: 100 VAE, 64 GLF; toys: 2)")
     p.add_argument("--ngf", type=int, default=32, help="DCGAN encoder/decoder width (paper: 64)")
     p.add_argument("--hidden", type=int, default=64, help="toys: width of the MLP VAE")
@@ -116,7 +116,8 @@ def build_parser():
     p.add_argument("--mala", action=argparse.BooleanOptionalAction, default=None,
                    help="Metropolis-adjust the latent chains (default: toys on, images off; paper: off)")
     p.add_argument("--alpha", type=float, default=0.1,
-                   help="energy regularisation alpha (E+^2 + E-^2), caps the energy gap at 1/alpha (paper: 0.1)")
+                   help="energy regularisation alpha (E+^2 + E-^2) (paper: 0.1); it caps the data-sample energy gap "
+                        "at 1/alpha: our GLOW tilt uses 0.001 (docs/latent_tilt.md)")
     p.add_argument("--eval-every", type=int, default=None, help="early stop: score every N steps (toys 250; 50)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many scores without improvement (0: never)")
     p.add_argument("--stop-samples", type=int, default=None,
@@ -254,7 +255,9 @@ def fid_view(x):
 # inside them; what they return is cast back to fp32 before it enters a loss or a sampler.
 
 def dcgan_generator(nz, out_ch, ngf, size):
-    """DCGAN generator (Radford et al.), the paper's VAE / GLF decoder: z [B, nz] -> [B, out_ch, size, size]."""
+    """DCGAN generator (Radford et al.), the paper's VAE / GLF decoder: z [B, nz] -> a 4x4
+    transposed conv, then BatchNorm - LeakyReLU(0.2) - stride-2 transposed conv halving the
+    width up to `size`, tanh: [B, out_ch, size, size] in (-1, 1)."""
     n_up = int(math.log2(size // 4))
     width = [ngf * 2 ** (n_up - 1 - i) for i in range(n_up)]
     layers = [nn.Unflatten(1, (nz, 1, 1)), nn.ConvTranspose2d(nz, width[0], 4, 1, 0)]
@@ -265,7 +268,8 @@ def dcgan_generator(nz, out_ch, ngf, size):
 
 
 def dcgan_encoder(out_dim, in_ch, ndf, size):
-    """DCGAN encoder, the paper's VAE / GLF encoder: [B, in_ch, size, size] -> [B, out_dim]."""
+    """DCGAN encoder, the paper's VAE / GLF encoder: stride-2 convs doubling the width down to
+    4x4 (BatchNorm after all but the first, LeakyReLU(0.2)), then a 4x4 conv: [B, out_dim]."""
     n_down = int(math.log2(size // 4))
     layers, cin = [], in_ch
     for i in range(n_down):
@@ -312,7 +316,8 @@ def reconstruction_nll(a, x, recon, std=1.0):
 
 
 class VectorCoupling(nn.Module):
-    """Affine coupling on vectors [B, d] (GLF's flow): the second half scaled and shifted by a net of the first."""
+    """Affine coupling on vectors [B, d] (GLF's latent flow): the second half is scaled and shifted
+    by a one-hidden-layer net of the first, then the order is reversed (log|det| 0)."""
 
     def __init__(self, d, hidden):
         super().__init__()
@@ -430,9 +435,11 @@ class InvConv(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """x_b <- (x_b + t(x_a)) * s, s = floor + (1 - floor) sigmoid(h(x_a) + 2). Glow's code: floor 0; ours 0.01
-    bounds the inverse's gain 1 / s, through which latent Langevin chains otherwise overflow. The paper's 3-layer
-    Highway coupling net is replaced by a plain 3-layer one."""
+    """x_b <- (x_b + t(x_a)) * s, s = floor + (1 - floor) sigmoid(h(x_a) + 2) (Glow's code: floor 0;
+    ours 0.01: it bounds the inverse's gain 1 / s, through which latent Langevin chains
+    otherwise overflow; docs/latent_tilt.md); the coupling net is
+    conv3x3 - ReLU - conv1x1 - ReLU - zero-initialised conv3x3 (the paper's 3-layer Highway
+    net is replaced by this plain 3-layer net)."""
 
     def __init__(self, c, hidden, floor):
         super().__init__()
@@ -457,10 +464,12 @@ class AffineCoupling(nn.Module):
 
 
 class Glow(nn.Module):
-    """Multi-scale Glow: per level squeeze, `depth` x (actnorm, 1x1 conv, affine coupling), then (but at the last
-    level) half the channels h_a leave as latents, whitened by Glow's learned split prior:
-    z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), mu and log_sigma = tanh(r) from a conv3x3 of the half h_b that stays
-    (Glow's log-scale is unbounded; ours, as GLF's, is bounded: each split's inverse gain is <= e). z: [B, C H W]."""
+    """Multi-scale Glow: per level squeeze, `depth` x (actnorm, 1x1 conv, affine coupling),
+    then (except at the last level) half the channels h_a leave as latents, whitened by Glow's
+    learned split prior: z_a = (h_a - mu(h_b)) exp(-log_sigma(h_b)), where mu and log_sigma =
+    tanh(r) come from a zero-initialised conv3x3 of the half h_b that stays (Glow's log-scale is
+    unbounded; ours is bounded, as GLF's, so each split's inverse gain is <= e). So every latent is
+    N(0, I), concatenated into one flat z [B, C H W]."""
 
     def __init__(self, shape, levels, depth, hidden, floor=0.01):
         super().__init__()
@@ -799,11 +808,12 @@ def buffer_share(full):
 
 
 def write_back(buffer, idx, x):
-    """buffer[idx] = x where idx may repeat (drawn with replacement, as D&M's): each slot takes the last of its
-    chains, whole. A plain indexed write leaves which repeat wins unspecified, pixel by pixel."""
-    slots, inverse = torch.unique(idx, return_inverse=True)
-    last = torch.zeros_like(slots).scatter_reduce_(0, inverse, torch.arange(len(idx), device=idx.device), "amax")
-    buffer[slots] = x[last]
+    """buffer[idx] = x where idx may repeat (drawn with replacement, as D&M's): every repeat of a slot writes
+    the same whole chain, the last that drew it (a plain indexed write leaves the winner unspecified, pixel by
+    pixel). No host sync."""
+    last = torch.full((len(buffer),), -1, dtype=torch.long, device=idx.device)
+    last.scatter_reduce_(0, idx, torch.arange(len(idx), device=idx.device), "amax")
+    buffer[idx] = x[last[idx]]
 
 
 def train_pixel(args, E, batches, state, out, device, stop, shape, amp):

@@ -179,8 +179,10 @@ def diffusion_schedule(T):
 
 
 def make_schedule(T, b_square, step_cap, device="cpu", drift_cap=0.0, step_floor=0.0):
-    """diffusion_schedule plus, as float32 on `device`, a_prev[t+1] (y = a_{t+1} x_t; 1 at the top),
-    recovery[t+1] (0 at the top: no Gaussian term) and s[t], level t's Langevin step (R3)."""
+    """diffusion_schedule plus what the sampler needs, as float32 on `device` (moved there once;
+    T and drift_cap stay Python numbers): a_prev[t+1] (the scale of y = a_{t+1} x_t; 1 at the top),
+    recovery[t+1] (0 at the top: no Gaussian term), s[t] the Langevin step of level t (R3, with the
+    floor and the cap)."""
     sch = diffusion_schedule(T)
     a_prev = sch["a"].clone()
     a_prev[T] = 1.0  # top level: marginal EBM of x_{T-1} itself
@@ -257,8 +259,10 @@ class EnergyUNet(nn.Module):
 
 
 def make_model(args, in_ch):
-    """The energy network f(y, t): an MLP for 2-D toys; for images the authors' ResNet (--net resnet,
-    common.EnergyResNet) or our U-Net energy (--net unet)."""
+    """The energy network f(y, t): an MLP for 2-D toys; for images the authors' ResNet (--net
+    resnet; common.EnergyResNet: time embedding in every block, spectral norm on all but the
+    head, leaky-ReLU 0.2, avg-pool, ReLU -> sum-pool head dotted with a time-embedding vector)
+    or our U-Net energy (--net unet, --preset small's image default)."""
     if args.dataset in common.TOYS:
         return EnergyMLP(args.hidden, 3, args.input_scale, n_levels=args.T)
     ch_mult = tuple(int(m) for m in str(args.ch_mult).split(","))
@@ -500,7 +504,8 @@ def mode_weight_split(f, sch, name, lim, n):
     h = 2 * lim / n
     g = -lim + h * (torch.arange(n, dtype=torch.float64) + 0.5)
     pts = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2).float()
-    log_g0 = -nll_terms(f, pts.to(sch["s"].device), sch, batch=40000).cpu()
+    with torch.no_grad():
+        log_g0 = torch.cat([log_g(f, p.to(sch["s"].device), 0, sch).double().cpu() for p in pts.split(40000)])
     cell = torch.cdist(pts.double(), means.double()).argmin(1)
     log_mass = torch.stack([torch.logsumexp(log_g0[cell == k], 0) for k in range(len(means))])
     log_mass = log_mass - torch.logsumexp(log_mass, 0)
@@ -631,7 +636,8 @@ def save_pictures(f, args, sch, device, out, name, shape, toy):
     """The denoising strip: 8 chains (images) or 2000 points (toys) at every level."""
     n = 2000 if toy else 8
     _, levels = progressive_sample(f, n, shape, sch, args.n_steps, args.sample_noise, device, keep_levels=True)
-    T, most = int(sch["T"]), 8 if toy else 16  # levels shown
+    T = int(sch["T"])
+    most = 8 if toy else 16  # levels shown
     if not common.is_main():
         return
     show = levels if T <= most else [levels[i] for i in np.linspace(0, T - 1, most).round().astype(int)]
