@@ -844,7 +844,7 @@ def inception_features(images, batch_size=100, device="cpu", model=None):
 def reference_stats(dataset, split, n, size, data_dir="data", device="cpu"):
     """Inception (mu, sigma) of the first n images of a real data set's split at size x size
     (mnist/fashion padded when size is 32), cached as DATA_DIR/fid_stats/DATASET_SPLIT_SxS_N.npz:
-    the split is read, 1000 images at a time, only when that file is not there."""
+    the split is read only when that file is not there (a folder data set 1000 images at a time)."""
     path = Path(data_dir) / "fid_stats" / f"{dataset}_{split}_{size}x{size}_{n}.npz"
     if path.exists():
         with np.load(path) as f:
